@@ -1,0 +1,140 @@
+"""Typed settings loaded from ``configs/*.toml`` with environment overrides.
+
+Every tunable lives in one TOML file; code reads it through these dataclasses so
+a misspelt key fails loudly instead of being ignored. Environment variables named
+``ADENGINE_<SECTION>_<KEY>`` override single values (parsed as TOML values, so
+``ADENGINE_LEARNER_LR=0.1`` is a float and ``ADENGINE_FEATURES_CROSSES='[]'`` a list).
+
+>>> settings = load_settings(env={"ADENGINE_LEARNER_LR": "0.2"})
+>>> settings.learner.lr
+0.2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+ENV_PREFIX = "ADENGINE_"
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    bits: int = 20
+    salt: str = "adengine-v1"
+    numeric_buckets: str = "log2"
+    crosses: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    num_trees: int = 40
+    num_leaves: int = 16
+    learning_rate: float = 0.1
+    min_data_in_leaf: int = 50
+    lambda_l2: float = 10.0
+    feature_fraction: float = 0.8
+    bagging_fraction: float = 0.8
+    bagging_freq: int = 1
+    max_cat_to_onehot: int = 8
+    seed: int = 7
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    optimizer: str = "adagrad"
+    lr: float = 0.05
+    l1: float = 0.0
+    l2: float = 0.0
+    ftrl_alpha: float = 0.05
+    ftrl_beta: float = 1.0
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    negative_downsampling_rate: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    gbdt_warmup: int = 2000
+    gbdt_refresh_every: int = 2000
+    gbdt_window: int = 50000
+    synthetic_rows: int = 50000
+    synthetic_seed: int = 7
+    plot: str = "runs/replay_ne.png"
+
+
+@dataclass(frozen=True)
+class Settings:
+    features: FeatureSettings = field(default_factory=FeatureSettings)
+    trees: TreeSettings = field(default_factory=TreeSettings)
+    learner: LearnerSettings = field(default_factory=LearnerSettings)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+
+
+class ConfigError(ValueError):
+    """A settings file or override that does not fit the schema."""
+
+
+def _coerce(section: str, key: str, value, kind):
+    """Convert a TOML value to the field's declared type, naming the key on failure."""
+    kind = str(kind)
+    try:
+        if kind == "int" and not isinstance(value, bool):
+            return int(value)
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if kind.startswith("tuple"):
+            return tuple(tuple(item) if isinstance(item, list) else item for item in value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"[{section}] {key}: expected {kind}, got {value!r}")
+
+
+def _parse_env_value(raw: str):
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare string such as ADENGINE_LEARNER_OPTIMIZER=ftrl
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (default ``configs/default.toml``), then apply ``ADENGINE_*`` overrides."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("ADENGINE_CONFIG") or DEFAULT_CONFIG)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"settings file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+    sections = {}
+    for section in dataclasses.fields(Settings):
+        cls = section.type if isinstance(section.type, type) else globals()[section.type]
+        values = dict(raw.pop(section.name, {}))
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"[{section.name}] unknown key {key!r}")
+        for key in known:
+            env_key = f"{ENV_PREFIX}{section.name}_{key}".upper()
+            if env_key in env:
+                values[key] = _parse_env_value(env[env_key])
+        coerced = {k: _coerce(section.name, k, v, known[k]) for k, v in values.items()}
+        sections[section.name] = cls(**coerced)
+    if raw:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(raw)}")
+    return Settings(**sections)

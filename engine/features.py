@@ -1,0 +1,263 @@
+"""One feature pipeline for training and serving.
+
+A record is a flat mapping of field -> value (categorical values are strings,
+numeric values floats, missing values ``None``). The pipeline turns records into
+
+* a sparse hashed matrix for the logistic regression (hashing trick): one token per
+  categorical field, one bucket token per numeric field, one token per configured
+  cross and a bias token; stored as fixed-width ``indices``/``values`` arrays, and
+* a dense float matrix for the GBDT (numeric values as they are, categoricals as
+  stable hashed codes that LightGBM treats as categories).
+
+Serving scores many candidate ads for one request: the fields shared by every
+candidate (user, context) are hashed once and broadcast, each ad's own tokens are
+cached by ad id, and crosses are mixed in numpy. Training calls the same code on
+logged records, so both sides produce the same numbers by construction.
+
+>>> spec = FeatureSpec(categorical=("device", "category"), numeric=("age_days",),
+...                    crosses=(("device", "category"),), bits=18)
+>>> pipeline = FeaturePipeline(spec)
+>>> batch = pipeline.transform_many([{"device": "ios", "category": "shoes", "age_days": 3.0}])
+>>> batch.indices.shape, batch.dense.shape
+((1, 5), (1, 3))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_MIX1 = _U64(0xBF58476D1CE4E5B9)
+_MIX2 = _U64(0x94D049BB133111EB)
+MISSING = "\x00NA"
+CATEGORY_CODE_BITS = 16  # LightGBM sizes arrays by the largest category code
+
+
+def _splitmix(h: np.ndarray) -> np.ndarray:
+    """Finalise 64-bit hashes (splitmix64) so that low bits are well mixed."""
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> _U64(30))) * _MIX1
+        h = (h ^ (h >> _U64(27))) * _MIX2
+        return h ^ (h >> _U64(31))
+
+
+def cross_hash(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Order-sensitive 64-bit hash of two token hashes, vectorised."""
+    with np.errstate(over="ignore"):
+        return _splitmix(left * _GOLDEN + right)
+
+
+def numeric_bucket(value: float | None) -> str:
+    """Log-scale bucket of a number: fine near zero, coarse for large counts."""
+    if value is None or math.isnan(value):
+        return MISSING
+    magnitude = math.floor(2.0 * math.log2(1.0 + abs(value)))
+    return f"-{magnitude}" if value < 0 else str(magnitude)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which fields become features, and how many hash bits they share."""
+
+    categorical: tuple[str, ...]
+    numeric: tuple[str, ...] = ()
+    crosses: tuple[tuple[str, str], ...] = ()
+    bits: int = 20
+    salt: str = "adengine-v1"
+
+    def __post_init__(self):
+        fields = set(self.categorical) | set(self.numeric)
+        if len(fields) != len(self.categorical) + len(self.numeric):
+            raise ValueError("a field is declared both categorical and numeric, or twice")
+        for left, right in self.crosses:
+            if left not in fields or right not in fields:
+                raise ValueError(f"cross ({left}, {right}) names a field not in the spec")
+        if not 8 <= self.bits <= 30:
+            raise ValueError(f"bits must be within [8, 30], got {self.bits}")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.categorical + self.numeric
+
+    @property
+    def dense_names(self) -> tuple[str, ...]:
+        """Column names of the GBDT matrix: numeric fields first, then categoricals."""
+        return self.numeric + self.categorical
+
+    @property
+    def width(self) -> int:
+        """Sparse tokens per record: one per field, one per cross, one bias."""
+        return len(self.fields) + len(self.crosses) + 1
+
+    def restricted_to(self, available: Sequence[str], crosses=None) -> FeatureSpec:
+        """Keep only crosses whose two fields exist (one crosses list serves all datasets)."""
+        crosses = self.crosses if crosses is None else crosses
+        present = set(available)
+        kept = tuple((a, b) for a, b in crosses if a in present and b in present)
+        return FeatureSpec(self.categorical, self.numeric, kept, self.bits, self.salt)
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """Features of ``n`` records: sparse LR part and dense GBDT part, row-aligned."""
+
+    indices: np.ndarray  # (n, width) int64 hashed coordinates
+    values: np.ndarray  # (n, width) float64 feature values, each row of unit norm
+    dense: np.ndarray  # (n, len(spec.dense_names)) float64, NaN = missing
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, rows) -> FeatureBatch:
+        return FeatureBatch(self.indices[rows], self.values[rows], self.dense[rows])
+
+    def with_extra(self, indices: np.ndarray, values: np.ndarray) -> FeatureBatch:
+        """Append sparse columns (for example GBDT leaf tokens) to every row."""
+        return FeatureBatch(
+            np.hstack([self.indices, indices]), np.hstack([self.values, values]), self.dense
+        )
+
+    @staticmethod
+    def concat(batches: Sequence[FeatureBatch]) -> FeatureBatch:
+        return FeatureBatch(
+            np.vstack([b.indices for b in batches]),
+            np.vstack([b.values for b in batches]),
+            np.vstack([b.dense for b in batches]),
+        )
+
+
+class FeaturePipeline:
+    """Hashes records into :class:`FeatureBatch` es; shared by training and serving."""
+
+    def __init__(self, spec: FeatureSpec, ad_cache_size: int = 100_000):
+        self.spec = spec
+        self.mask = (1 << spec.bits) - 1
+        self._key = hashlib.blake2b(spec.salt.encode(), digest_size=16).digest()
+        self._token_cache: dict[tuple[str, str], int] = {}
+        self._ad_cache: dict[object, tuple[np.ndarray, np.ndarray]] = {}
+        self._ad_cache_size = ad_cache_size
+        self._field_pos = {name: i for i, name in enumerate(spec.fields)}
+        self._cross_pos = np.array(
+            [[self._field_pos[a], self._field_pos[b]] for a, b in spec.crosses], dtype=np.int64
+        ).reshape(-1, 2)
+        self._bias = self.token_hash("\x00bias", "1")
+
+    # -- hashing -----------------------------------------------------------------------
+    def token_hash(self, field: str, value: str) -> int:
+        """Stable, salted 64-bit hash of one ``field=value`` token (cached)."""
+        key = (field, value)
+        cached = self._token_cache.get(key)
+        if cached is None:
+            digest = hashlib.blake2b(
+                f"{field}\x1f{value}".encode(), digest_size=8, key=self._key
+            ).digest()
+            cached = int.from_bytes(digest, "little")
+            if len(self._token_cache) < 2_000_000:
+                self._token_cache[key] = cached
+        return cached
+
+    def hash_index(self, namespace: str, value: str) -> int:
+        """Coordinate in the LR space of a token outside the record fields (e.g. a leaf)."""
+        return self.token_hash(namespace, value) & self.mask
+
+    def _field_tokens(self, record: Mapping, fields: Sequence[str]) -> np.ndarray:
+        """64-bit token hashes of ``fields`` of one record."""
+        numeric = set(self.spec.numeric)
+        out = np.empty(len(fields), dtype=_U64)
+        for j, name in enumerate(fields):
+            value = record.get(name)
+            if name in numeric:
+                text = numeric_bucket(value)
+            else:
+                text = MISSING if value is None else str(value)
+            out[j] = self.token_hash(name, text)
+        return out
+
+    def _field_dense(self, record: Mapping, tokens: np.ndarray, fields: Sequence[str]):
+        """Dense values of ``fields``: numbers as they are, categoricals as hashed codes."""
+        numeric = set(self.spec.numeric)
+        out = np.empty(len(fields), dtype=np.float64)
+        for j, name in enumerate(fields):
+            value = record.get(name)
+            if name in numeric:
+                out[j] = np.nan if value is None else float(value)
+            elif value is None:
+                out[j] = np.nan
+            else:
+                out[j] = float(int(tokens[j]) >> (64 - CATEGORY_CODE_BITS))
+        return out
+
+    # -- assembly ----------------------------------------------------------------------
+    def _assemble(self, tokens: np.ndarray, field_dense: np.ndarray) -> FeatureBatch:
+        """Tokens of all fields (n, n_fields) -> crosses, bias, masking, dense reordering."""
+        n = len(tokens)
+        parts = [tokens]
+        if len(self._cross_pos):
+            parts.append(
+                cross_hash(tokens[:, self._cross_pos[:, 0]], tokens[:, self._cross_pos[:, 1]])
+            )
+        parts.append(np.full((n, 1), self._bias, dtype=_U64))
+        hashed = np.hstack(parts)
+        indices = (_splitmix(hashed) & _U64(self.mask)).astype(np.int64)
+        n_cat = len(self.spec.categorical)
+        dense = np.hstack([field_dense[:, n_cat:], field_dense[:, :n_cat]])
+        # Unit-norm rows: the LR's step size then does not depend on how many tokens
+        # a dataset has (the normalisation Vowpal Wabbit applies by default).
+        values = np.full(indices.shape, 1.0 / np.sqrt(indices.shape[1]))
+        return FeatureBatch(indices, values, dense)
+
+    def transform_one(self, record: Mapping) -> FeatureBatch:
+        return self.transform_many([record])
+
+    def transform_many(self, records: Sequence[Mapping]) -> FeatureBatch:
+        """Features of independent records (training, replay)."""
+        fields = self.spec.fields
+        tokens = np.empty((len(records), len(fields)), dtype=_U64)
+        dense = np.empty((len(records), len(fields)), dtype=np.float64)
+        for i, record in enumerate(records):
+            tokens[i] = self._field_tokens(record, fields)
+            dense[i] = self._field_dense(record, tokens[i], fields)
+        return self._assemble(tokens, dense)
+
+    def transform_request(
+        self, shared: Mapping, ads: Sequence[Mapping], ad_keys: Sequence | None = None
+    ) -> FeatureBatch:
+        """Features of every candidate ad of one request, vectorised.
+
+        ``shared`` holds the request's fields (user, context, query), ``ads`` each
+        candidate's own fields. Each ad's tokens are cached under its key in
+        ``ad_keys`` (ads are immutable once indexed; a changed ad gets a new key).
+        The result equals ``transform_many([{**shared, **ad} for ad in ads])``.
+        """
+        fields = self.spec.fields
+        ad_fields = [f for f in fields if any(f in ad for ad in ads[:1])] if ads else []
+        shared_fields = [f for f in fields if f not in ad_fields]
+        n = len(ads)
+        tokens = np.empty((n, len(fields)), dtype=_U64)
+        dense = np.empty((n, len(fields)), dtype=np.float64)
+        shared_cols = [self._field_pos[f] for f in shared_fields]
+        ad_cols = [self._field_pos[f] for f in ad_fields]
+        shared_tokens = self._field_tokens(shared, shared_fields)
+        tokens[:, shared_cols] = shared_tokens
+        dense[:, shared_cols] = self._field_dense(shared, shared_tokens, shared_fields)
+        ad_tokens, ad_dense = [], []
+        for i, ad in enumerate(ads):
+            key = None if ad_keys is None else ad_keys[i]
+            cached = self._ad_cache.get(key) if key is not None else None
+            if cached is None:
+                row = self._field_tokens(ad, ad_fields)
+                cached = (row, self._field_dense(ad, row, ad_fields))
+                if key is not None and len(self._ad_cache) < self._ad_cache_size:
+                    self._ad_cache[key] = cached
+            ad_tokens.append(cached[0])
+            ad_dense.append(cached[1])
+        if ad_cols:
+            tokens[:, ad_cols] = np.vstack(ad_tokens)
+            dense[:, ad_cols] = np.vstack(ad_dense)
+        return self._assemble(tokens, dense)

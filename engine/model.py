@@ -1,0 +1,128 @@
+"""The click model: feature pipeline -> GBDT leaves -> online LR -> recalibrated pCTR.
+
+:class:`CtrModel` bundles the pieces that must move together (feature spec, tree
+version, LR weights, downsampling rate) so that training, replay and serving call
+the same code, and so that one snapshot restores all of them at once.
+
+>>> from engine.config import Settings
+>>> from engine.features import FeatureSpec
+>>> model = CtrModel(FeatureSpec(categorical=("ad",), bits=16), Settings())
+>>> batch = model.pipeline.transform_many([{"ad": "a1"}, {"ad": "a2"}])
+>>> _ = model.learn_many(batch, np.array([1, 0]))
+>>> model.predict_proba_many(batch).shape
+(2,)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.calibration import recalibrate
+from engine.config import Settings
+from engine.features import FeatureBatch, FeaturePipeline, FeatureSpec
+from engine.learner import LinearScorer, OnlineLogisticRegression
+from engine.snapshot import SnapshotError, SnapshotStore
+from engine.trees import TreeModel
+
+MARGIN_TOKEN = ("\x00gbdt", "margin")
+FORMAT = "adengine.ctr-model/1"
+
+
+class CtrModel:
+    """GBDT + LR click model with recalibration for negative downsampling."""
+
+    def __init__(self, spec: FeatureSpec, settings: Settings, use_trees: bool = True):
+        self.spec = spec
+        self.settings = settings
+        self.use_trees = use_trees
+        self.pipeline = FeaturePipeline(spec)
+        self.learner = OnlineLogisticRegression.from_settings(settings.learner)
+        self.trees: TreeModel | None = None
+        self.downsampling_rate = settings.calibration.negative_downsampling_rate
+        self.margin_index = self.pipeline.hash_index(*MARGIN_TOKEN)
+
+    @property
+    def version(self) -> str:
+        """``t<tree version>.w<weight version>``: what an impression records as model_version."""
+        tree_version = self.trees.version if self.trees is not None else 0
+        return f"t{tree_version}.w{self.learner.version}"
+
+    def set_trees(self, trees: TreeModel | None) -> None:
+        """Move the LR onto a new leaf space (new coordinates start from zero weight)."""
+        self.trees = trees if self.use_trees else None
+
+    def augment(self, batch: FeatureBatch) -> FeatureBatch:
+        """The LR's input: raw tokens plus, once trees exist, leaf tokens and the margin."""
+        trees = self.trees
+        if trees is None:
+            return batch
+        leaves = trees.leaf_indices(batch.dense, self.spec.bits)
+        margin = trees.booster.predict(batch.dense, raw_score=True, num_threads=1)
+        n, width = batch.indices.shape
+        scale = 1.0 / np.sqrt(width)
+        indices = np.hstack([leaves, np.full((n, 1), self.margin_index)])
+        values = np.hstack([np.full(leaves.shape, scale), margin[:, None] * scale])
+        return batch.with_extra(indices, values)
+
+    # -- estimator API ------------------------------------------------------------------
+    def learn_many(self, batch: FeatureBatch, y: np.ndarray) -> np.ndarray:
+        """Learn a (downsampled) batch; returns the raw pre-update probabilities."""
+        augmented = self.augment(batch)
+        return self.learner.learn_many(augmented.indices, augmented.values, y)
+
+    def predict_proba_many(self, batch: FeatureBatch, scorer: LinearScorer | None = None):
+        """Recalibrated click probabilities (what the auction uses)."""
+        augmented = self.augment(batch)
+        if scorer is None:
+            raw = self.learner.predict_proba_many(augmented.indices, augmented.values)
+        else:
+            raw = scorer.predict_proba_many(augmented.indices, augmented.values)
+        return recalibrate(raw, self.downsampling_rate)
+
+    def export_scorer(self) -> LinearScorer:
+        return self.learner.export_scorer(self.spec.bits)
+
+    # -- snapshots ----------------------------------------------------------------------
+    def snapshot(self, store: SnapshotStore) -> None:
+        arrays = dict(self.learner.state_dict())
+        meta = {
+            "format": FORMAT,
+            "model_version": self.version,
+            "downsampling_rate": self.downsampling_rate,
+            "spec": {
+                "categorical": self.spec.categorical,
+                "numeric": self.spec.numeric,
+                "crosses": self.spec.crosses,
+                "bits": self.spec.bits,
+                "salt": self.spec.salt,
+            },
+            "learner": vars(self.learner.settings),
+            "trees": None,
+        }
+        if self.trees is not None:
+            arrays["trees"] = np.frombuffer(self.trees.to_string().encode(), dtype=np.uint8)
+            meta["trees"] = {"version": self.trees.version, "n_features": self.trees.n_features}
+        return store.save(arrays, meta)
+
+    @classmethod
+    def restore(cls, store: SnapshotStore, settings: Settings) -> CtrModel:
+        """Rebuild the model from the latest snapshot (raises SnapshotError if damaged)."""
+        arrays, meta = store.load_latest()
+        if meta.get("format") != FORMAT:
+            raise SnapshotError(f"unsupported snapshot format {meta.get('format')!r}")
+        raw_spec = meta["spec"]
+        spec = FeatureSpec(
+            tuple(raw_spec["categorical"]),
+            tuple(raw_spec["numeric"]),
+            tuple(tuple(pair) for pair in raw_spec["crosses"]),
+            raw_spec["bits"],
+            raw_spec["salt"],
+        )
+        model = cls(spec, settings)
+        model.learner = OnlineLogisticRegression(**meta["learner"])
+        model.learner.load_state_dict(arrays)
+        model.downsampling_rate = meta["downsampling_rate"]
+        if meta["trees"] is not None:
+            text = arrays["trees"].tobytes().decode()
+            model.trees = TreeModel.from_string(text, **meta["trees"])
+        return model

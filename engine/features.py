@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -261,3 +262,55 @@ class FeaturePipeline:
             tokens[:, ad_cols] = np.vstack(ad_tokens)
             dense[:, ad_cols] = np.vstack(ad_dense)
         return self._assemble(tokens, dense)
+
+
+# -- privacy-safe request fields ---------------------------------------------------------
+AGE_EDGES = (18, 25, 35, 45, 55, 65)
+AGE_LABELS = ("<18", "18-24", "25-34", "35-44", "45-54", "55-64", "65+")
+
+
+def age_bucket(age: int | None) -> str | None:
+    """Ages only ever enter the model as coarse buckets."""
+    if age is None:
+        return None
+    return AGE_LABELS[sum(age >= edge for edge in AGE_EDGES)]
+
+
+def coarse_region(region: str | None, lat: float | None, lon: float | None) -> str | None:
+    """A region name, or failing that a one-degree grid cell (about 100 km): never a point."""
+    if region:
+        return region
+    if lat is None or lon is None:
+        return None
+    return f"grid:{math.floor(lat)}:{math.floor(lon)}"
+
+
+def pseudonymous_user_id(user_id: str, salt: str) -> str:
+    """Salted one-way hash of a raw user id; the raw id never reaches features or logs."""
+    return hashlib.blake2b(user_id.encode(), digest_size=8, key=salt.encode()[:64]).hexdigest()
+
+
+def request_fields(request, salt: str) -> dict[str, str | float | None]:
+    """The shared (user + context) fields of an ``AdRequest``, PII-safe by construction.
+
+    Only derived values leave this function: the user id salted and hashed, age as a
+    bucket, location as a region, interests as at most two sorted labels.
+    """
+    user, context = request.user, request.context
+    interests = sorted(user.interests)[:2] + [None, None]
+    hour = context.hour if context.hour is not None else time.gmtime(request.ts).tm_hour
+    return {
+        "user_id": pseudonymous_user_id(user.user_id, salt),
+        "age_bucket": age_bucket(user.age),
+        "gender": user.gender,
+        "region": coarse_region(user.region, user.lat, user.lon),
+        "language": user.language,
+        "interest_1": interests[0],
+        "interest_2": interests[1],
+        "device": context.device,
+        "os": context.os,
+        "placement": context.placement,
+        "page_category": context.page_category,
+        "hour_of_day": str(hour),
+        "query": request.query or None,
+    }

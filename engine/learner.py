@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from river import linear_model, optim
+from river.utils import VectorDict
 
 from engine.config import LearnerSettings
 
@@ -30,9 +31,12 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _gather(state, keys: list[int]) -> np.ndarray:
-    """Values of ``keys`` in a river dict-like state (missing keys are 0)."""
-    get = state.get
-    return np.fromiter((get(k, 0.0) for k in keys), dtype=np.float64, count=len(keys))
+    """Values of ``keys`` in river's weights or optimiser state (missing keys are 0)."""
+    if isinstance(state, VectorDict):
+        return np.asarray(state.to_numpy(keys), dtype=np.float64)
+    # river's optimiser tables are defaultdicts: a missing key reads as 0.0 and is
+    # written back by the caller anyway.
+    return np.fromiter(map(state.__getitem__, keys), dtype=np.float64, count=len(keys))
 
 
 class LinearScorer:

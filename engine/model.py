@@ -67,6 +67,8 @@ class CtrModel:
     # -- estimator API ------------------------------------------------------------------
     def learn_many(self, batch: FeatureBatch, y: np.ndarray) -> np.ndarray:
         """Learn a (downsampled) batch; returns the raw pre-update probabilities."""
+        if len(batch) == 0:
+            return np.empty(0)
         augmented = self.augment(batch)
         return self.learner.learn_many(augmented.indices, augmented.values, y)
 

@@ -72,7 +72,9 @@ class TreeModel:
             free_raw_data=True,
             params={"verbosity": -1},
         )
-        booster = lgb.train(_params(settings), data, num_boost_round=settings.num_trees)
+        booster = lgb.train(
+            _params(settings), data, num_boost_round=settings.num_trees, keep_training_booster=True
+        )
         return cls(booster, version, dense.shape[1])
 
     def predict_proba(self, dense: np.ndarray) -> np.ndarray:

@@ -73,8 +73,8 @@ def best_and_median(seconds: list[float], n_examples: int) -> tuple[float, float
     return n_examples / min(seconds), n_examples / statistics.median(seconds)
 
 
-def time_ours(learner_settings, indices, values, y, passes: int) -> float:
-    learner = OnlineLogisticRegression.from_settings(learner_settings)
+def time_ours(learner_settings, bits: int, indices, values, y, passes: int) -> float:
+    learner = OnlineLogisticRegression.from_settings(learner_settings, bits)
     learn_many = learner.learn_many
     bs = learner_settings.batch_size
     starts = range(0, len(y), bs)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     bits = settings.features.bits
     times: dict[str, list[float]] = {"ours": [], "vw": [], "vw_preparsed": [], "vw_values": []}
     for _ in range(args.repeats):  # interleaved, so both see the same machine load
-        times["ours"].append(time_ours(learner_settings, indices, values, y, args.passes))
+        times["ours"].append(time_ours(learner_settings, bits, indices, values, y, args.passes))
         times["vw"].append(time_vw_lines(bits, lines, args.passes))
         times["vw_preparsed"].append(time_vw_preparsed(bits, lines, args.passes))
         times["vw_values"].append(time_vw_lines(bits, valued_lines, args.passes))

@@ -36,7 +36,7 @@ class CtrModel:
         self.settings = settings
         self.use_trees = use_trees
         self.pipeline = FeaturePipeline(spec)
-        self.learner = OnlineLogisticRegression.from_settings(settings.learner)
+        self.learner = OnlineLogisticRegression.from_settings(settings.learner, spec.bits)
         self.trees: TreeModel | None = None
         self.downsampling_rate = settings.calibration.negative_downsampling_rate
         self.margin_index = self.pipeline.hash_index(*MARGIN_TOKEN)
@@ -82,7 +82,7 @@ class CtrModel:
         return recalibrate(raw, self.downsampling_rate)
 
     def export_scorer(self) -> LinearScorer:
-        return self.learner.export_scorer(self.spec.bits)
+        return self.learner.export_scorer()
 
     # -- snapshots ----------------------------------------------------------------------
     def snapshot(self, store: SnapshotStore) -> None:
@@ -121,7 +121,7 @@ class CtrModel:
             raw_spec["salt"],
         )
         model = cls(spec, settings)
-        model.learner = OnlineLogisticRegression(**meta["learner"])
+        model.learner = OnlineLogisticRegression(**meta["learner"], bits=spec.bits)
         model.learner.load_state_dict(arrays)
         model.downsampling_rate = meta["downsampling_rate"]
         if meta["trees"] is not None:

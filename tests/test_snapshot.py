@@ -99,7 +99,7 @@ def test_damaged_snapshot_is_refused_and_previous_kept(tmp_path, damage):
     assert store.versions() == [1, 2]
     arrays, meta = store.load(1)
     assert meta["version"] == 1
-    assert "weight_keys" in arrays
+    assert "weights_keys" in arrays
     newest.unlink()
     assert np.array_equal(CtrModel.restore(store, settings).predict_proba_many(batch), before)
 

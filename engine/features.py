@@ -133,6 +133,29 @@ class FeatureBatch:
         )
 
 
+class _AdRows:
+    """Cached per-ad token and dense rows in growable arrays (one gather per request)."""
+
+    def __init__(self, width: int, capacity: int):
+        self.width, self.capacity = width, capacity
+        self.clear()
+
+    def clear(self) -> None:
+        self.positions: dict[object, int] = {}
+        self.tokens = np.empty((64, self.width), dtype=_U64)
+        self.dense = np.empty((64, self.width), dtype=np.float64)
+        self.last = np.empty(0, dtype=np.int64)
+
+    def add(self, key, tokens: np.ndarray, dense: np.ndarray) -> int:
+        row = len(self.positions)
+        if row == len(self.tokens):
+            self.tokens = np.vstack([self.tokens, np.empty_like(self.tokens)])
+            self.dense = np.vstack([self.dense, np.empty_like(self.dense)])
+        self.tokens[row], self.dense[row] = tokens, dense
+        self.positions[key] = row
+        return row
+
+
 class FeaturePipeline:
     """Hashes records into :class:`FeatureBatch` es; shared by training and serving."""
 
@@ -141,7 +164,7 @@ class FeaturePipeline:
         self.mask = (1 << spec.bits) - 1
         self._key = hashlib.blake2b(spec.salt.encode(), digest_size=16).digest()
         self._token_cache: dict[tuple[str, str], int] = {}
-        self._ad_cache: dict[object, tuple[np.ndarray, np.ndarray]] = {}
+        self._ad_caches: dict[tuple[str, ...], _AdRows] = {}
         self._ad_cache_size = ad_cache_size
         self._field_pos = {name: i for i, name in enumerate(spec.fields)}
         self._cross_pos = np.array(
@@ -226,6 +249,27 @@ class FeaturePipeline:
             dense[i] = self._field_dense(record, tokens[i], fields)
         return self._assemble(tokens, dense)
 
+    def _ad_rows(self, ad_fields: tuple[str, ...], ads, ad_keys) -> _AdRows:
+        """Token and dense rows of ``ads``, computed once per ad key and then reused."""
+        cache = self._ad_caches.get(ad_fields)
+        if cache is None:
+            cache = self._ad_caches[ad_fields] = _AdRows(len(ad_fields), self._ad_cache_size)
+        if ad_keys is None:
+            ad_keys = [object() for _ in ads]  # uncacheable: fresh keys, rows reused next
+            cache.clear()
+        rows = [cache.positions.get(key, -1) for key in ad_keys]
+        missing = rows.count(-1)
+        if missing and len(cache.positions) + missing > cache.capacity:
+            cache.clear()  # bounded memory: start over rather than grow without limit
+            rows = [-1] * len(ads)
+        for i, row in enumerate(rows):
+            if row < 0:
+                tokens = self._field_tokens(ads[i], ad_fields)
+                dense = self._field_dense(ads[i], tokens, ad_fields)
+                rows[i] = cache.add(ad_keys[i], tokens, dense)
+        cache.last = np.asarray(rows, dtype=np.int64)
+        return cache
+
     def transform_request(
         self, shared: Mapping, ads: Sequence[Mapping], ad_keys: Sequence | None = None
     ) -> FeatureBatch:
@@ -247,20 +291,10 @@ class FeaturePipeline:
         shared_tokens = self._field_tokens(shared, shared_fields)
         tokens[:, shared_cols] = shared_tokens
         dense[:, shared_cols] = self._field_dense(shared, shared_tokens, shared_fields)
-        ad_tokens, ad_dense = [], []
-        for i, ad in enumerate(ads):
-            key = None if ad_keys is None else ad_keys[i]
-            cached = self._ad_cache.get(key) if key is not None else None
-            if cached is None:
-                row = self._field_tokens(ad, ad_fields)
-                cached = (row, self._field_dense(ad, row, ad_fields))
-                if key is not None and len(self._ad_cache) < self._ad_cache_size:
-                    self._ad_cache[key] = cached
-            ad_tokens.append(cached[0])
-            ad_dense.append(cached[1])
         if ad_cols:
-            tokens[:, ad_cols] = np.vstack(ad_tokens)
-            dense[:, ad_cols] = np.vstack(ad_dense)
+            rows = self._ad_rows(tuple(ad_fields), ads, ad_keys)
+            tokens[:, ad_cols] = rows.tokens[rows.last]
+            dense[:, ad_cols] = rows.dense[rows.last]
         return self._assemble(tokens, dense)
 
 

@@ -56,8 +56,7 @@ class CtrModel:
         trees = self.trees
         if trees is None:
             return batch
-        leaves = trees.leaf_indices(batch.dense, self.spec.bits)
-        margin = trees.booster.predict(batch.dense, raw_score=True, num_threads=1)
+        leaves, margin = trees.leaf_features(batch.dense, self.spec.bits)
         n, width = batch.indices.shape
         scale = 1.0 / np.sqrt(width)
         indices = np.hstack([leaves, np.full((n, 1), self.margin_index)])

@@ -53,7 +53,8 @@ class TreeModel:
         self.version = version
         self.n_features = n_features
         self.num_trees = booster.num_trees()
-        self._leaf_tables: dict[int, np.ndarray] = {}
+        self._leaf_values: np.ndarray | None = None
+        self._leaf_hashes: np.ndarray | None = None
 
     @classmethod
     def fit(
@@ -85,24 +86,44 @@ class TreeModel:
         """(n, num_trees) index of the leaf each example reaches in each tree."""
         return self.booster.predict(dense, pred_leaf=True, num_threads=1).astype(np.int64)
 
-    def _leaf_table(self, bits: int) -> np.ndarray:
-        """(num_trees, max_leaves) hashed LR coordinate of every leaf of this version."""
-        table = self._leaf_tables.get(bits)
-        if table is None:
-            max_leaves = max(tree["num_leaves"] for tree in self.booster.dump_model()["tree_info"])
-            table = np.empty((self.num_trees, max_leaves), dtype=np.int64)
+    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per (tree, leaf): the leaf's output value and its unsalted 64-bit token hash."""
+        if self._leaf_values is None:
+            trees = self.booster.dump_model()["tree_info"]
+            max_leaves = max(tree["num_leaves"] for tree in trees)
+            values = np.zeros((self.num_trees, max_leaves), dtype=np.float64)
+            for t, tree in enumerate(trees):
+                stack = [tree["tree_structure"]]
+                while stack:
+                    node = stack.pop()
+                    if "leaf_value" in node:
+                        values[t, node.get("leaf_index", 0)] = node["leaf_value"]
+                    else:
+                        stack += [node["left_child"], node["right_child"]]
+            hashes = np.empty((self.num_trees, max_leaves), dtype=np.uint64)
             for t in range(self.num_trees):
                 for leaf in range(max_leaves):
                     token = f"gbdt\x1f{self.version}\x1f{t}\x1f{leaf}".encode()
                     digest = hashlib.blake2b(token, digest_size=8).digest()
-                    table[t, leaf] = int.from_bytes(digest, "little") & ((1 << bits) - 1)
-            self._leaf_tables[bits] = table
-        return table
+                    hashes[t, leaf] = int.from_bytes(digest, "little")
+            self._leaf_values, self._leaf_hashes = values, hashes
+        return self._leaf_values, self._leaf_hashes
 
     def leaf_indices(self, dense: np.ndarray, bits: int) -> np.ndarray:
         """(n, num_trees) LR coordinates of the leaves each example reaches."""
-        table = self._leaf_table(bits)
-        return table[np.arange(self.num_trees), self.leaves(dense)]
+        return self.leaf_features(dense, bits)[0]
+
+    def leaf_features(self, dense: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """LR coordinates of the leaves reached, and the raw GBDT score, from one pass.
+
+        The raw score is the sum of the reached leaves' values, which is exactly what
+        LightGBM's ``raw_score`` prediction computes, so one tree traversal serves both.
+        """
+        values, hashes = self._tables()
+        leaves = self.leaves(dense)
+        trees = np.arange(self.num_trees)
+        coordinates = (hashes[trees, leaves] & np.uint64((1 << bits) - 1)).astype(np.int64)
+        return coordinates, values[trees, leaves].sum(axis=1)
 
     def to_string(self) -> str:
         return self.booster.model_to_string()

@@ -125,3 +125,33 @@ def test_request_fields_are_pii_safe():
     assert fields["interest_1"] == "a" and fields["interest_2"] == "b"
     assert fields["user_id"] == request_fields(request, salt="s1")["user_id"]
     assert fields["user_id"] != request_fields(request, salt="s2")["user_id"]
+
+
+def test_ad_cache_is_bounded_and_stays_correct():
+    pipeline = FeaturePipeline(SPEC, ad_cache_size=60)
+    shared = {"user": "u1", "device": "ios"}
+    for start in (0, 40, 80, 0):  # forces the cache to start over between requests
+        candidates = [
+            {"ad_id": f"ad{i}", "category": f"c{i % 7}", "age_days": float(i)}
+            for i in range(start, start + 50)
+        ]
+        served = pipeline.transform_request(shared, candidates, [a["ad_id"] for a in candidates])
+        trained = pipeline.transform_many([{**shared, **ad} for ad in candidates])
+        assert np.array_equal(served.indices, trained.indices)
+        assert np.array_equal(served.dense, trained.dense, equal_nan=True)
+
+
+def test_tree_leaf_features_reproduce_lightgbm_raw_score():
+    from engine.config import TreeSettings
+    from engine.trees import TreeModel
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 4))
+    X[:, 3] = rng.integers(0, 50, 3000)
+    y = (X[:, 0] * X[:, 1] + 0.3 * (X[:, 3] % 3 == 0) > 0).astype(int)
+    model = TreeModel.fit(X, y, TreeSettings(num_trees=30), version=1, categorical=[3])
+    coordinates, margin = model.leaf_features(X, bits=18)
+    np.testing.assert_allclose(margin, model.booster.predict(X, raw_score=True), atol=1e-12)
+    assert coordinates.shape == (3000, 30) and coordinates.max() < 2**18
+    other = TreeModel.fit(X, y, TreeSettings(num_trees=30), version=2, categorical=[3])
+    assert not np.intersect1d(coordinates, other.leaf_features(X, bits=18)[0]).size > 30

@@ -29,6 +29,8 @@ class FeatureSettings:
     salt: str = "adengine-v1"
     numeric_buckets: str = "log2"
     crosses: tuple[tuple[str, str], ...] = ()
+    leaf_value: float = 0.01
+    margin_scale: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class TreeSettings:
     bagging_fraction: float = 0.8
     bagging_freq: int = 1
     max_cat_to_onehot: int = 8
+    extra_trees: bool = False
     seed: int = 7
 
 
@@ -87,6 +90,8 @@ class ConfigError(ValueError):
 def _coerce(section: str, key: str, value, kind):
     """Convert a TOML value to the field's declared type, naming the key on failure."""
     kind = str(kind)
+    if kind == "bool" and isinstance(value, bool):
+        return value
     try:
         if kind == "int" and not isinstance(value, bool):
             return int(value)

@@ -57,10 +57,14 @@ class CtrModel:
         if trees is None:
             return batch
         leaves, margin = trees.leaf_features(batch.dense, self.spec.bits)
-        n, width = batch.indices.shape
-        scale = 1.0 / np.sqrt(width)
-        indices = np.hstack([leaves, np.full((n, 1), self.margin_index)])
-        values = np.hstack([np.full(leaves.shape, scale), margin[:, None] * scale])
+        features = self.settings.features
+        # Leaf tokens get a small fixed value: under AdaGrad a fresh coordinate's first
+        # step moves the margin by about lr * value, and every refresh brings fresh
+        # coordinates, which at the raw tokens' value would swamp the raw weights.
+        indices = np.hstack([leaves, np.full((len(batch), 1), self.margin_index)])
+        values = np.hstack(
+            [np.full(leaves.shape, features.leaf_value), margin[:, None] * features.margin_scale]
+        )
         return batch.with_extra(indices, values)
 
     # -- estimator API ------------------------------------------------------------------

@@ -36,6 +36,7 @@ def _params(settings: TreeSettings) -> dict:
         "bagging_fraction": settings.bagging_fraction,
         "bagging_freq": settings.bagging_freq,
         "max_cat_to_onehot": settings.max_cat_to_onehot,
+        "extra_trees": settings.extra_trees,
         "min_data_per_group": settings.min_data_in_leaf,
         "cat_smooth": 10.0,
         "seed": settings.seed,

@@ -47,7 +47,6 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from engine.calibration import recalibrate  # noqa: E402
 from engine.config import load_settings  # noqa: E402
 from engine.datasets import SYNTHETIC_SCHEMA, synthetic_log  # noqa: E402
 from engine.model import CtrModel  # noqa: E402
@@ -107,6 +106,10 @@ def request_contexts(rows: list, n: int) -> list[dict]:
     return out
 
 
+def logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p) - np.log1p(-p)
+
+
 def ms(ns: list[int]) -> np.ndarray:
     return np.asarray(ns, dtype=np.float64) / 1e6
 
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     model = train_model(settings, train, spec)
     train_s = time.perf_counter() - start
     scorer = model.export_scorer()
-    pipeline, rate = model.pipeline, model.downsampling_rate
+    pipeline = model.pipeline
 
     ads = candidate_ads(train, args.candidates, np.random.default_rng(settings.trees.seed))
     keys = [ad["ad_id"] for ad in ads]
@@ -179,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter_ns()
         batch = pipeline.transform_request(shared, ads, keys)
         t1 = time.perf_counter_ns()
-        augmented = model.augment(batch)
+        augmented, tree_margin = model.lr_input(batch)
         t2 = time.perf_counter_ns()
-        recalibrate(scorer.predict_proba_many(augmented.indices, augmented.values), rate)
+        model.calibrated(scorer.decision_function(augmented.indices, augmented.values), tree_margin)
         t3 = time.perf_counter_ns()
         stage_ns["features"].append(t1 - t0)
         stage_ns["leaves"].append(t2 - t1)
@@ -195,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         score(shared)
         ours_again_ns.append(time.perf_counter_ns() - t0)
         t0 = time.perf_counter_ns()
-        augmented = model.augment(pipeline.transform_request(shared, ads, keys))
+        augmented, tree_margin = model.lr_input(pipeline.transform_request(shared, ads, keys))
         raw = [predict_one(x)[True] for x in river_dicts(augmented.indices, augmented.values)]
-        p_river = recalibrate(np.asarray(raw), rate)
+        p_river = model.calibrated(logit(np.asarray(raw)), tree_margin)
         river_ns.append(time.perf_counter_ns() - t0)
         diffs.append(float(np.max(np.abs(p_river - ours_p[k]))))
 
@@ -205,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         idx, val = augmented.indices, augmented.values
         t0 = time.perf_counter_ns()
         raw = [predict_one(x)[True] for x in river_dicts(idx, val)]
-        recalibrate(np.asarray(raw), rate)
+        model.calibrated(logit(np.asarray(raw)), tree_margin)
         river_lr_ns.append(time.perf_counter_ns() - t0)
         t0 = time.perf_counter_ns()
-        recalibrate(scorer.predict_proba_many(idx, val), rate)
+        model.calibrated(scorer.decision_function(idx, val), tree_margin)
         ours_lr_ns.append(time.perf_counter_ns() - t0)
     river, river_lr, ours_lr = ms(river_ns), ms(river_lr_ns), ms(ours_lr_ns)
     ours_again_p50 = float(np.median(ms(ours_again_ns)))

@@ -8,6 +8,13 @@ a misspelt key fails loudly instead of being ignored. Environment variables name
 >>> settings = load_settings(env={"ADENGINE_LEARNER_LR": "0.2"})
 >>> settings.learner.lr
 0.2
+
+A few settings also honour the conventional variable their ecosystem uses (see
+``ENV_ALIASES``): ``KAFKA_BOOTSTRAP_SERVERS`` sets ``[kafka] bootstrap_servers``. The
+``ADENGINE_*`` form wins when both are set.
+
+>>> load_settings(env={"KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"}).kafka.bootstrap_servers
+'kafka:9092'
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
 ENV_PREFIX = "ADENGINE_"
+# (section, key) -> conventional environment variable, read verbatim (not TOML-parsed)
+# and overridden in turn by ADENGINE_<SECTION>_<KEY>.
+ENV_ALIASES = {("kafka", "bootstrap_servers"): "KAFKA_BOOTSTRAP_SERVERS"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,10 @@ class FeatureSettings:
     crosses: tuple[tuple[str, str], ...] = ()
     leaf_value: float = 0.01
     margin_scale: float = 0.15
+    count_features: bool = False
+    count_prior: float = 5.0
+    category_codes: bool = True
+    gbdt_blend: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -75,12 +89,42 @@ class ReplaySettings:
 
 
 @dataclass(frozen=True)
+class KafkaSettings:
+    """Broker connection and the topics of the online-learning loop.
+
+    An empty ``bootstrap_servers`` means: start the embedded broker (``streams.broker``)
+    on ``embedded_host:embedded_port`` (port 0 picks a free one).
+    """
+
+    bootstrap_servers: str = ""
+    embedded_host: str = "127.0.0.1"
+    embedded_port: int = 0
+    embedded_startup_timeout_s: float = 15.0
+    replication_factor: int = 1
+    impressions_topic: str = "adengine.impressions"
+    impressions_partitions: int = 4
+    engagements_topic: str = "adengine.engagements"
+    engagements_partitions: int = 4
+    examples_topic: str = "adengine.examples"
+    examples_partitions: int = 4
+    model_updates_topic: str = "adengine.model-updates"
+    model_updates_partitions: int = 1
+    dead_letters_topic: str = "adengine.dead-letters"
+    dead_letters_partitions: int = 1
+    late_clicks_topic: str = "adengine.late-clicks"
+    late_clicks_partitions: int = 1
+    campaigns_topic: str = "adengine.campaigns"
+    campaigns_partitions: int = 1
+
+
+@dataclass(frozen=True)
 class Settings:
     features: FeatureSettings = field(default_factory=FeatureSettings)
     trees: TreeSettings = field(default_factory=TreeSettings)
     learner: LearnerSettings = field(default_factory=LearnerSettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
 
 
 class ConfigError(ValueError):
@@ -135,6 +179,9 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             if key not in known:
                 raise ConfigError(f"[{section.name}] unknown key {key!r}")
         for key in known:
+            alias = ENV_ALIASES.get((section.name, key))
+            if alias is not None and alias in env:
+                values[key] = env[alias]
             env_key = f"{ENV_PREFIX}{section.name}_{key}".upper()
             if env_key in env:
                 values[key] = _parse_env_value(env[env_key])

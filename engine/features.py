@@ -6,8 +6,9 @@ numeric values floats, missing values ``None``). The pipeline turns records into
 * a sparse hashed matrix for the logistic regression (hashing trick): one token per
   categorical field, one bucket token per numeric field, one token per configured
   cross and a bias token; stored as fixed-width ``indices``/``values`` arrays, and
-* a dense float matrix for the GBDT (numeric values as they are, categoricals as
-  stable hashed codes that LightGBM treats as categories).
+* a dense float matrix for the GBDT: numeric values as they are, then (optionally)
+  categoricals as stable hashed codes that LightGBM treats as categories, then
+  (with a :class:`ClickCounts` table) two counting features per categorical field.
 
 Serving scores many candidate ads for one request: the fields shared by every
 candidate (user, context) are hashed once and broadcast, each ad's own tokens are
@@ -88,7 +89,11 @@ class FeatureSpec:
 
     @property
     def dense_names(self) -> tuple[str, ...]:
-        """Column names of the GBDT matrix: numeric fields first, then categoricals."""
+        """Column names of the GBDT matrix with hashed category codes and no counts.
+
+        Numeric fields first, then categoricals; a :class:`FeaturePipeline` without
+        codes drops the categoricals, and one with counts appends their counting columns.
+        """
         return self.numeric + self.categorical
 
     @property
@@ -133,6 +138,70 @@ class FeatureBatch:
         )
 
 
+class ClickCounts:
+    """Progressive impression and click counts per hashed token ("historical" features).
+
+    He et al. (2014) found counting features (how often a value was shown, how often
+    it was clicked) to be the most informative GBDT inputs. Counts live in the LR's
+    hashed coordinate space, so memory is fixed and collisions match the LR's. They
+    are strictly past-only: :meth:`columns` reads the counts as they stand and
+    :meth:`observe` adds examples once they have been learnt, so a record's counting
+    features never include its own label.
+
+    >>> counts = ClickCounts(bits=8, prior_strength=10.0)
+    >>> counts.observe(np.array([[3], [3]]), np.array([1, 0]))
+    >>> counts.columns(np.array([[3], [4]])).round(3).tolist()
+    [[1.099, 0.5], [0.0, 0.5]]
+    """
+
+    def __init__(self, bits: int, prior_strength: float):
+        self.prior_strength = prior_strength
+        self.impressions = np.zeros(1 << bits, dtype=np.float64)
+        self.clicks = np.zeros(1 << bits, dtype=np.float64)
+        self.total_impressions = 0.0
+        self.total_clicks = 0.0
+
+    def columns(self, indices: np.ndarray) -> np.ndarray:
+        """(n, 2k) features of (n, k) token coordinates: log1p(impressions), smoothed CTR.
+
+        The CTR is shrunk towards the global CTR so far with ``prior_strength``
+        pseudo-impressions, so rare values read as average rather than as 0 or 1.
+        """
+        impressions = self.impressions[indices]
+        prior = (self.total_clicks + 1.0) / (self.total_impressions + 2.0)
+        strength = self.prior_strength
+        ctr = (self.clicks[indices] + strength * prior) / (impressions + strength)
+        return np.hstack([np.log1p(impressions), ctr])
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The non-zero counts, for snapshots."""
+        keys = np.flatnonzero(self.impressions)
+        return {
+            "count_keys": keys,
+            "count_impressions": self.impressions[keys],
+            "count_clicks": self.clicks[keys],
+            "count_scalars": np.array([self.total_impressions, self.total_clicks]),
+        }
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        keys = state["count_keys"]
+        if len(keys) and keys.max() >= len(self.impressions):
+            raise ValueError("count state has coordinates beyond the hashed space")
+        self.impressions[:] = 0.0
+        self.clicks[:] = 0.0
+        self.impressions[keys] = state["count_impressions"]
+        self.clicks[keys] = state["count_clicks"]
+        self.total_impressions, self.total_clicks = state["count_scalars"].tolist()
+
+    def observe(self, indices: np.ndarray, y: np.ndarray) -> None:
+        """Count learnt examples: each row of ``indices`` was shown, clicked if ``y``."""
+        y = np.asarray(y, dtype=np.float64)
+        np.add.at(self.impressions, indices, 1.0)
+        np.add.at(self.clicks, indices, np.broadcast_to(y[:, None], indices.shape))
+        self.total_impressions += len(y)
+        self.total_clicks += float(y.sum())
+
+
 class _AdRows:
     """Cached per-ad token and dense rows in growable arrays (one gather per request)."""
 
@@ -159,8 +228,16 @@ class _AdRows:
 class FeaturePipeline:
     """Hashes records into :class:`FeatureBatch` es; shared by training and serving."""
 
-    def __init__(self, spec: FeatureSpec, ad_cache_size: int = 100_000):
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        ad_cache_size: int = 100_000,
+        counts: ClickCounts | None = None,
+        category_codes: bool = True,
+    ):
         self.spec = spec
+        self.counts = counts
+        self.category_codes = category_codes
         self.mask = (1 << spec.bits) - 1
         self._key = hashlib.blake2b(spec.salt.encode(), digest_size=16).digest()
         self._token_cache: dict[tuple[str, str], int] = {}
@@ -171,6 +248,8 @@ class FeaturePipeline:
             [[self._field_pos[a], self._field_pos[b]] for a, b in spec.crosses], dtype=np.int64
         ).reshape(-1, 2)
         self._bias = self.token_hash("\x00bias", "1")
+        n_cat = len(spec.categorical)
+        self._count_cols = np.r_[np.arange(n_cat), len(spec.fields) + np.arange(len(spec.crosses))]
 
     # -- hashing -----------------------------------------------------------------------
     def token_hash(self, field: str, value: str) -> int:
@@ -230,11 +309,25 @@ class FeaturePipeline:
         hashed = np.hstack(parts)
         indices = (_splitmix(hashed) & _U64(self.mask)).astype(np.int64)
         n_cat = len(self.spec.categorical)
-        dense = np.hstack([field_dense[:, n_cat:], field_dense[:, :n_cat]])
+        parts = [field_dense[:, n_cat:]]
+        if self.category_codes:
+            parts.append(field_dense[:, :n_cat])
+        if self.counts is not None:
+            parts.append(self.counts.columns(self.count_keys(indices)))
+        dense = np.hstack(parts)
         # Unit-norm rows: the LR's step size then does not depend on how many tokens
         # a dataset has (the normalisation Vowpal Wabbit applies by default).
         values = np.full(indices.shape, 1.0 / np.sqrt(indices.shape[1]))
         return FeatureBatch(indices, values, dense)
+
+    def count_keys(self, indices: np.ndarray) -> np.ndarray:
+        """The token coordinates that carry counting features: the categorical fields."""
+        return indices[:, self._count_cols]
+
+    def observe(self, batch: FeatureBatch, y: np.ndarray) -> None:
+        """Update the counting features with learnt examples (no-op without counts)."""
+        if self.counts is not None and len(batch):
+            self.counts.observe(self.count_keys(batch.indices), y)
 
     def transform_one(self, record: Mapping) -> FeatureBatch:
         return self.transform_many([record])

@@ -1,5 +1,11 @@
 """The click model: feature pipeline -> GBDT leaves -> online LR -> recalibrated pCTR.
 
+Once trees exist, the served probability is a logit-space average of the online LR
+(on raw, leaf and GBDT-margin features) and the GBDT itself, weighted by
+``features.gbdt_blend``: the two models err differently, and averaging them lowers
+the variance that neither the LR's margin feature nor its leaf weights can remove
+on their own.
+
 :class:`CtrModel` bundles the pieces that must move together (feature spec, tree
 version, LR weights, downsampling rate) so that training, replay and serving call
 the same code, and so that one snapshot restores all of them at once.
@@ -19,8 +25,8 @@ import numpy as np
 
 from engine.calibration import recalibrate
 from engine.config import Settings
-from engine.features import FeatureBatch, FeaturePipeline, FeatureSpec
-from engine.learner import LinearScorer, OnlineLogisticRegression
+from engine.features import ClickCounts, FeatureBatch, FeaturePipeline, FeatureSpec
+from engine.learner import LinearScorer, OnlineLogisticRegression, sigmoid
 from engine.snapshot import SnapshotError, SnapshotStore
 from engine.trees import TreeModel
 
@@ -35,7 +41,9 @@ class CtrModel:
         self.spec = spec
         self.settings = settings
         self.use_trees = use_trees
-        self.pipeline = FeaturePipeline(spec)
+        features = settings.features
+        counts = ClickCounts(spec.bits, features.count_prior) if features.count_features else None
+        self.pipeline = FeaturePipeline(spec, counts=counts, category_codes=features.category_codes)
         self.learner = OnlineLogisticRegression.from_settings(settings.learner, spec.bits)
         self.trees: TreeModel | None = None
         self.downsampling_rate = settings.calibration.negative_downsampling_rate
@@ -53,36 +61,56 @@ class CtrModel:
 
     def augment(self, batch: FeatureBatch) -> FeatureBatch:
         """The LR's input: raw tokens plus, once trees exist, leaf tokens and the margin."""
+        return self.lr_input(batch)[0]
+
+    def lr_input(self, batch: FeatureBatch) -> tuple[FeatureBatch, np.ndarray | None]:
+        """The LR's input and the GBDT's raw margin (``None`` before any trees exist)."""
         trees = self.trees
         if trees is None:
-            return batch
+            return batch, None
         leaves, margin = trees.leaf_features(batch.dense, self.spec.bits)
         features = self.settings.features
+        # Centred on the training window's base rate, the margin feature carries only
+        # what the trees know beyond the average, which the LR's bias already holds.
+        centred = margin - trees.base_margin
         # Leaf tokens get a small fixed value: under AdaGrad a fresh coordinate's first
         # step moves the margin by about lr * value, and every refresh brings fresh
         # coordinates, which at the raw tokens' value would swamp the raw weights.
         indices = np.hstack([leaves, np.full((len(batch), 1), self.margin_index)])
         values = np.hstack(
-            [np.full(leaves.shape, features.leaf_value), margin[:, None] * features.margin_scale]
+            [np.full(leaves.shape, features.leaf_value), centred[:, None] * features.margin_scale]
         )
-        return batch.with_extra(indices, values)
+        return batch.with_extra(indices, values), margin
 
     # -- estimator API ------------------------------------------------------------------
     def learn_many(self, batch: FeatureBatch, y: np.ndarray) -> np.ndarray:
-        """Learn a (downsampled) batch; returns the raw pre-update probabilities."""
+        """Learn a (downsampled) batch; returns the LR's raw pre-update probabilities."""
         if len(batch) == 0:
             return np.empty(0)
         augmented = self.augment(batch)
         return self.learner.learn_many(augmented.indices, augmented.values, y)
 
-    def predict_proba_many(self, batch: FeatureBatch, scorer: LinearScorer | None = None):
-        """Recalibrated click probabilities (what the auction uses)."""
-        augmented = self.augment(batch)
-        if scorer is None:
-            raw = self.learner.predict_proba_many(augmented.indices, augmented.values)
-        else:
-            raw = scorer.predict_proba_many(augmented.indices, augmented.values)
-        return recalibrate(raw, self.downsampling_rate)
+    def predict_proba_many(
+        self, batch: FeatureBatch, scorer: LinearScorer | None = None
+    ) -> np.ndarray:
+        """Recalibrated click probabilities (what the auction uses).
+
+        Without trees this is the LR's probability; with trees, the sigmoid of
+        ``(1 - gbdt_blend) * LR margin + gbdt_blend * GBDT margin``. The LR itself
+        learns from its own margin (:meth:`learn_many`), not from the blend.
+        """
+        augmented, tree_margin = self.lr_input(batch)
+        source = self.learner if scorer is None else scorer
+        return self.calibrated(
+            source.decision_function(augmented.indices, augmented.values), tree_margin
+        )
+
+    def calibrated(self, lr_margin: np.ndarray, tree_margin: np.ndarray | None) -> np.ndarray:
+        """Blend the LR's and the trees' margins, then undo negative downsampling."""
+        if tree_margin is not None:
+            blend = self.settings.features.gbdt_blend
+            lr_margin = (1.0 - blend) * lr_margin + blend * tree_margin
+        return recalibrate(sigmoid(lr_margin), self.downsampling_rate)
 
     def export_scorer(self) -> LinearScorer:
         return self.learner.export_scorer()
@@ -106,7 +134,13 @@ class CtrModel:
         }
         if self.trees is not None:
             arrays["trees"] = np.frombuffer(self.trees.to_string().encode(), dtype=np.uint8)
-            meta["trees"] = {"version": self.trees.version, "n_features": self.trees.n_features}
+            meta["trees"] = {
+                "version": self.trees.version,
+                "n_features": self.trees.n_features,
+                "base_margin": self.trees.base_margin,
+            }
+        if self.pipeline.counts is not None:
+            arrays.update(self.pipeline.counts.state_dict())
         return store.save(arrays, meta)
 
     @classmethod
@@ -127,6 +161,8 @@ class CtrModel:
         model.learner = OnlineLogisticRegression(**meta["learner"], bits=spec.bits)
         model.learner.load_state_dict(arrays)
         model.downsampling_rate = meta["downsampling_rate"]
+        if model.pipeline.counts is not None and "count_scalars" in arrays:
+            model.pipeline.counts.load_state_dict(arrays)
         if meta["trees"] is not None:
             text = arrays["trees"].tobytes().decode()
             model.trees = TreeModel.from_string(text, **meta["trees"])

@@ -7,12 +7,15 @@ after the first GBDT exists. Compared on identical hashed features:
 * ``lr``: online logistic regression on the hashed raw features;
 * ``gbdt``: the current LightGBM model alone;
 * ``gbdt_lr``: online logistic regression on raw + GBDT leaf features (+ the
-  GBDT's margin as one numeric feature whose meaning survives a tree refresh),
+  GBDT's centred margin as one numeric feature whose meaning survives a tree
+  refresh), served as a logit-space blend with the GBDT (``features.gbdt_blend``),
   i.e. :class:`engine.model.CtrModel`, the model serving uses;
 * ``vw``: Vowpal Wabbit on the raw hashed features.
 
 The GBDT warms up on the first ``gbdt_warmup`` examples and is retrained every
-``gbdt_refresh_every`` examples on the last ``gbdt_window``.
+``gbdt_refresh_every`` examples on the last ``gbdt_window``. With
+``features.count_features`` the GBDT's input includes progressive counting features,
+updated after each mini-batch has been learnt, so no example sees its own label.
 """
 
 from __future__ import annotations
@@ -100,7 +103,11 @@ class Replay:
             NegativeDownsampler(self.rate, seed=settings.trees.seed) if self.rate < 1 else None
         )
         n_numeric = len(schema.numeric)
-        self.categorical_columns = list(range(n_numeric, n_numeric + len(schema.categorical)))
+        self.categorical_columns = (
+            list(range(n_numeric, n_numeric + len(schema.categorical)))
+            if settings.features.category_codes
+            else []
+        )
         self._trained_at = 0
 
     def _maybe_refresh_trees(self, dense: list[np.ndarray], labels: list[np.ndarray], seen: int):
@@ -162,6 +169,8 @@ class Replay:
                 keep = self.downsampler.keep_many(y)
             timed("lr", self.lr.learn_many, batch[keep], y[keep])
             timed("gbdt_lr", self.gbdt_lr.learn_many, batch[keep], y[keep])
+            # Counting features only ever include examples that have been learnt.
+            self.pipeline.observe(batch[keep], y[keep])
             if self.vw is not None:
                 p_vw = timed("vw", self.vw.learn_many, batch.indices, y)
                 if evaluated:

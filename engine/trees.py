@@ -47,10 +47,17 @@ def _params(settings: TreeSettings) -> dict:
 
 
 class TreeModel:
-    """A trained booster plus the hashed coordinates of its leaves."""
+    """A trained booster plus the hashed coordinates of its leaves.
 
-    def __init__(self, booster: lgb.Booster, version: int, n_features: int):
+    ``base_margin`` is the log-odds of the training window's click rate: the GBDT's
+    margin minus it is what the trees know beyond the base rate.
+    """
+
+    def __init__(
+        self, booster: lgb.Booster, version: int, n_features: int, base_margin: float = 0.0
+    ):
         self.booster = booster
+        self.base_margin = base_margin
         self.version = version
         self.n_features = n_features
         self.num_trees = booster.num_trees()
@@ -77,7 +84,8 @@ class TreeModel:
         booster = lgb.train(
             _params(settings), data, num_boost_round=settings.num_trees, keep_training_booster=True
         )
-        return cls(booster, version, dense.shape[1])
+        rate = float(np.clip(np.mean(y), 1e-6, 1 - 1e-6))
+        return cls(booster, version, dense.shape[1], float(np.log(rate / (1.0 - rate))))
 
     def predict_proba(self, dense: np.ndarray) -> np.ndarray:
         """The GBDT's own click probability (the "GBDT only" model)."""
@@ -130,5 +138,7 @@ class TreeModel:
         return self.booster.model_to_string()
 
     @classmethod
-    def from_string(cls, text: str, version: int, n_features: int) -> TreeModel:
-        return cls(lgb.Booster(model_str=text), version, n_features)
+    def from_string(
+        cls, text: str, version: int, n_features: int, base_margin: float = 0.0
+    ) -> TreeModel:
+        return cls(lgb.Booster(model_str=text), version, n_features, base_margin)

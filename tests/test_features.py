@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from engine.events import ScoredFeatures, TrainingExample, decode, encode
-from engine.features import FeaturePipeline, FeatureSpec, numeric_bucket
+from engine.features import ClickCounts, FeaturePipeline, FeatureSpec, numeric_bucket
 
 SPEC = FeatureSpec(
     categorical=("user", "device", "ad_id", "category"),
@@ -155,3 +155,21 @@ def test_tree_leaf_features_reproduce_lightgbm_raw_score():
     assert coordinates.shape == (3000, 30) and coordinates.max() < 2**18
     other = TreeModel.fit(X, y, TreeSettings(num_trees=30), version=2, categorical=[3])
     assert not np.intersect1d(coordinates, other.leaf_features(X, bits=18)[0]).size > 30
+
+
+def test_counting_features_are_past_only_and_replace_codes():
+    spec = FeatureSpec(categorical=("ad", "site"), numeric=("n",), bits=16)
+    pipeline = FeaturePipeline(spec, counts=ClickCounts(spec.bits, 5.0), category_codes=False)
+    records = [{"ad": "a", "site": "s", "n": 1.0}] * 4
+    first = pipeline.transform_many(records)
+    # one numeric column, then log1p(impressions) and smoothed CTR per categorical
+    assert first.dense.shape == (4, 1 + 2 * 2)
+    assert np.all(first.dense[:, 1:3] == 0.0)  # nothing learnt yet: no impressions
+    pipeline.observe(first, np.array([1, 1, 0, 0]))
+    second = pipeline.transform_many(records[:1])
+    assert second.dense[0, 1] == pytest.approx(np.log1p(4))
+    prior = 3 / 6  # (clicks + 1) / (impressions + 2)
+    assert second.dense[0, 3] == pytest.approx((2 + 5 * prior) / (4 + 5))
+    # serving reads the same counts as training
+    request = pipeline.transform_request({"site": "s", "n": 1.0}, [{"ad": "a"}])
+    np.testing.assert_allclose(request.dense, second.dense)

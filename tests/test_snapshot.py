@@ -35,8 +35,10 @@ CHILD = textwrap.dedent(
     model.set_trees(TreeModel.fit(batch.dense[:1500], y[:1500], settings.trees, 1, cats))
     for start in range(0, 3000, 32):
         model.learn_many(batch[start:start + 32], y[start:start + 32])
+        model.pipeline.observe(batch[start:start + 32], y[start:start + 32])
     model.snapshot(SnapshotStore(sys.argv[1]))
-    np.save(sys.argv[2], model.predict_proba_many(batch))
+    final = model.pipeline.transform_many([r.fields for r in records])  # reads the counts
+    np.save(sys.argv[2], model.predict_proba_many(final))
     print("ready", flush=True)
     time.sleep(600)
     """
@@ -63,6 +65,7 @@ def test_snapshot_kill_restore_predicts_identically(tmp_path):
     batch = restored.pipeline.transform_many([r.fields for r in records])
     assert np.array_equal(restored.predict_proba_many(batch), np.load(expected))
     assert restored.trees is not None and restored.trees.version == 1
+    assert restored.pipeline.counts is not None and restored.pipeline.counts.total_impressions
 
 
 def trained_model(settings, rows=1200):

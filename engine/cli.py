@@ -3,6 +3,10 @@
 ``adengine replay`` replays a click log (or, with no ``--data``, a seeded synthetic
 log from a hidden ground-truth model) with progressive validation and compares
 LR, GBDT, GBDT + LR and Vowpal Wabbit on identical examples and features.
+
+``adengine broker`` runs the embedded Kafka-compatible broker (tansu, in memory) with the
+loop's topics created, prints ``bootstrap_servers=HOST:PORT`` and serves until SIGINT or
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -63,6 +67,53 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from streams.broker import BrokerError, EmbeddedBroker
+    from streams.topics import TopicError, ensure_topics
+
+    settings = load_settings(args.config)
+    kafka = settings.kafka
+    port = kafka.embedded_port if args.port is None else args.port
+    host = args.host or kafka.embedded_host
+    if kafka.bootstrap_servers:
+        print(
+            f"adengine broker: note: [kafka] bootstrap_servers={kafka.bootstrap_servers!r} is "
+            "set; this embedded broker is separate from it",
+            file=sys.stderr,
+        )
+    stop = threading.Event()
+
+    def on_signal(_signum, _frame):
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    broker = EmbeddedBroker(host, port, startup_timeout=kafka.embedded_startup_timeout_s)
+    try:
+        try:
+            broker.start()
+            if not args.no_topics:
+                ensure_topics(broker.bootstrap_servers, settings)
+        except (BrokerError, TopicError) as exc:
+            print(f"adengine broker: {exc}", file=sys.stderr)
+            return 1
+        print(f"bootstrap_servers={broker.bootstrap_servers}", flush=True)
+        while not stop.wait(0.5):
+            if not broker.running:
+                print(
+                    f"adengine broker: tansu exited unexpectedly\n{broker.log_tail()}",
+                    file=sys.stderr,
+                )
+                return 1
+        return 0
+    finally:
+        broker.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adengine", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="settings file (default configs/default.toml)")
@@ -82,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--no-vw", action="store_true", help="skip the Vowpal Wabbit peer")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(handler=_replay)
+
+    broker = commands.add_parser(
+        "broker", help="run the embedded Kafka-compatible broker with the topics created"
+    )
+    broker.add_argument("--host", help="listen address (default [kafka] embedded_host)")
+    broker.add_argument(
+        "--port", type=int, help="listen port (default [kafka] embedded_port; 0 = any free one)"
+    )
+    broker.add_argument("--no-topics", action="store_true", help="do not create the topics")
+    broker.set_defaults(handler=_broker)
     return parser
 
 

@@ -1,10 +1,11 @@
 """The click model: feature pipeline -> GBDT leaves -> online LR -> recalibrated pCTR.
 
-Once trees exist, the served probability is a logit-space average of the online LR
-(on raw, leaf and GBDT-margin features) and the GBDT itself, weighted by
-``features.gbdt_blend``: the two models err differently, and averaging them lowers
-the variance that neither the LR's margin feature nor its leaf weights can remove
-on their own.
+Once trees exist, the served probability is a mixture of the online LR's (on raw,
+leaf and GBDT-margin features) and the GBDT's own, weighted by ``features.gbdt_blend``:
+the two models err differently, and averaging them lowers the variance that neither
+the LR's margin feature nor its leaf weights remove on their own. The mixture is taken
+in probability space, where it preserves the mean, so two calibrated models give a
+calibrated blend (a logit-space average under-predicts where they disagree).
 
 :class:`CtrModel` bundles the pieces that must move together (feature spec, tree
 version, LR weights, downsampling rate) so that training, replay and serving call
@@ -95,9 +96,9 @@ class CtrModel:
     ) -> np.ndarray:
         """Recalibrated click probabilities (what the auction uses).
 
-        Without trees this is the LR's probability; with trees, the sigmoid of
-        ``(1 - gbdt_blend) * LR margin + gbdt_blend * GBDT margin``. The LR itself
-        learns from its own margin (:meth:`learn_many`), not from the blend.
+        Without trees this is the LR's probability; with trees,
+        ``(1 - gbdt_blend) * p_LR + gbdt_blend * p_GBDT``. The LR itself learns from its
+        own margin (:meth:`learn_many`), not from the blend.
         """
         augmented, tree_margin = self.lr_input(batch)
         source = self.learner if scorer is None else scorer
@@ -106,11 +107,12 @@ class CtrModel:
         )
 
     def calibrated(self, lr_margin: np.ndarray, tree_margin: np.ndarray | None) -> np.ndarray:
-        """Blend the LR's and the trees' margins, then undo negative downsampling."""
+        """Mix the LR's and the trees' probabilities, then undo negative downsampling."""
+        p = sigmoid(lr_margin)
         if tree_margin is not None:
             blend = self.settings.features.gbdt_blend
-            lr_margin = (1.0 - blend) * lr_margin + blend * tree_margin
-        return recalibrate(sigmoid(lr_margin), self.downsampling_rate)
+            p = (1.0 - blend) * p + blend * sigmoid(tree_margin)
+        return recalibrate(p, self.downsampling_rate)
 
     def export_scorer(self) -> LinearScorer:
         return self.learner.export_scorer()

@@ -8,7 +8,7 @@ after the first GBDT exists. Compared on identical hashed features:
 * ``gbdt``: the current LightGBM model alone;
 * ``gbdt_lr``: online logistic regression on raw + GBDT leaf features (+ the
   GBDT's centred margin as one numeric feature whose meaning survives a tree
-  refresh), served as a logit-space blend with the GBDT (``features.gbdt_blend``),
+  refresh), served as a probability mixture with the GBDT (``features.gbdt_blend``),
   i.e. :class:`engine.model.CtrModel`, the model serving uses;
 * ``vw``: Vowpal Wabbit on the raw hashed features.
 

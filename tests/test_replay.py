@@ -83,10 +83,11 @@ def test_negative_downsampling_with_recalibration_matches_full_data():
     records = list(synthetic_log(ROWS, seed=2))
     result = sampled.run(records)
 
-    full_lr, sampled_lr = full.metrics["lr"], result.metrics["lr"]
-    assert 0.95 <= sampled_lr["calibration"] <= 1.05
-    assert sampled_lr["calibration"] == pytest.approx(full_lr["calibration"], rel=0.02)
-    assert sampled_lr["ne"] == pytest.approx(full_lr["ne"], rel=0.01)
+    for name in ("lr", "gbdt_lr"):  # the LR alone and the served GBDT + LR model
+        full_m, sampled_m = full.metrics[name], result.metrics[name]
+        assert 0.95 <= sampled_m["calibration"] <= 1.05, name
+        assert sampled_m["calibration"] == pytest.approx(full_m["calibration"], rel=0.02), name
+        assert sampled_m["ne"] == pytest.approx(full_m["ne"], rel=0.01), name
 
     # The bias recalibration removes: raw scores of the downsampled model over-predict.
     batch = sampled.lr.pipeline.transform_many([r.fields for r in records[-5000:]])

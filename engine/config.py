@@ -41,7 +41,6 @@ ENV_ALIASES = {
 class FeatureSettings:
     bits: int = 20
     salt: str = "adengine-v1"
-    numeric_buckets: str = "log2"
     crosses: tuple[tuple[str, str], ...] = ()
     leaf_value: float = 0.01
     margin_scale: float = 0.15

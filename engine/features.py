@@ -88,15 +88,6 @@ class FeatureSpec:
         return self.categorical + self.numeric
 
     @property
-    def dense_names(self) -> tuple[str, ...]:
-        """Column names of the GBDT matrix with hashed category codes and no counts.
-
-        Numeric fields first, then categoricals; a :class:`FeaturePipeline` without
-        codes drops the categoricals, and one with counts appends their counting columns.
-        """
-        return self.numeric + self.categorical
-
-    @property
     def width(self) -> int:
         """Sparse tokens per record: one per field, one per cross, one bias."""
         return len(self.fields) + len(self.crosses) + 1
@@ -115,7 +106,7 @@ class FeatureBatch:
 
     indices: np.ndarray  # (n, width) int64 hashed coordinates
     values: np.ndarray  # (n, width) float64 feature values, each row of unit norm
-    dense: np.ndarray  # (n, len(spec.dense_names)) float64, NaN = missing
+    dense: np.ndarray  # (n, n_dense) float64 GBDT input, NaN = missing
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -127,14 +118,6 @@ class FeatureBatch:
         """Append sparse columns (for example GBDT leaf tokens) to every row."""
         return FeatureBatch(
             np.hstack([self.indices, indices]), np.hstack([self.values, values]), self.dense
-        )
-
-    @staticmethod
-    def concat(batches: Sequence[FeatureBatch]) -> FeatureBatch:
-        return FeatureBatch(
-            np.vstack([b.indices for b in batches]),
-            np.vstack([b.values for b in batches]),
-            np.vstack([b.dense for b in batches]),
         )
 
 
@@ -328,9 +311,6 @@ class FeaturePipeline:
         """Update the counting features with learnt examples (no-op without counts)."""
         if self.counts is not None and len(batch):
             self.counts.observe(self.count_keys(batch.indices), y)
-
-    def transform_one(self, record: Mapping) -> FeatureBatch:
-        return self.transform_many([record])
 
     def transform_many(self, records: Sequence[Mapping]) -> FeatureBatch:
         """Features of independent records (training, replay)."""

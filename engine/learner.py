@@ -205,7 +205,11 @@ class OnlineLogisticRegression:
         """One mini-batch step; returns the probabilities predicted before the step.
 
         The gradient of each coordinate is summed over the batch, so a rare feature
-        moves as far as it would under per-example updates.
+        moves as far as it would under per-example updates. AdaGrad follows river's
+        rule exactly (a batch of one is river's ``learn_one``). FTRL-Proximal reads and
+        writes river's ``z`` and ``n`` tables and sets each touched weight from them by
+        the closed form after the step; river's own ``learn_one`` sets a weight from
+        ``z`` and ``n`` just before it updates them, i.e. one step behind.
         """
         n, width = indices.shape
         keys, inverse = np.unique(indices, return_inverse=True)

@@ -22,10 +22,13 @@ the same code, and so that one snapshot restores all of them at once.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 
 from engine.calibration import recalibrate
-from engine.config import Settings
+from engine.config import FeatureSettings, Settings
 from engine.features import ClickCounts, FeatureBatch, FeaturePipeline, FeatureSpec
 from engine.learner import LinearScorer, OnlineLogisticRegression, sigmoid
 from engine.snapshot import SnapshotError, SnapshotStore
@@ -118,7 +121,8 @@ class CtrModel:
         return self.learner.export_scorer()
 
     # -- snapshots ----------------------------------------------------------------------
-    def snapshot(self, store: SnapshotStore) -> None:
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Every array and setting needed to rebuild this model exactly (see ``from_state``)."""
         arrays = dict(self.learner.state_dict())
         meta = {
             "format": FORMAT,
@@ -131,7 +135,9 @@ class CtrModel:
                 "bits": self.spec.bits,
                 "salt": self.spec.salt,
             },
+            "features": dataclasses.asdict(self.settings.features),
             "learner": vars(self.learner.settings),
+            "use_trees": self.use_trees,
             "trees": None,
         }
         if self.trees is not None:
@@ -143,12 +149,11 @@ class CtrModel:
             }
         if self.pipeline.counts is not None:
             arrays.update(self.pipeline.counts.state_dict())
-        return store.save(arrays, meta)
+        return arrays, meta
 
     @classmethod
-    def restore(cls, store: SnapshotStore, settings: Settings) -> CtrModel:
-        """Rebuild the model from the latest snapshot (raises SnapshotError if damaged)."""
-        arrays, meta = store.load_latest()
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict, settings: Settings) -> CtrModel:
+        """Rebuild a model from :meth:`state`; its feature settings come from the state."""
         if meta.get("format") != FORMAT:
             raise SnapshotError(f"unsupported snapshot format {meta.get('format')!r}")
         raw_spec = meta["spec"]
@@ -159,7 +164,10 @@ class CtrModel:
             raw_spec["bits"],
             raw_spec["salt"],
         )
-        model = cls(spec, settings)
+        features = dict(meta["features"])
+        features["crosses"] = tuple(tuple(pair) for pair in features["crosses"])
+        settings = dataclasses.replace(settings, features=FeatureSettings(**features))
+        model = cls(spec, settings, use_trees=meta["use_trees"])
         model.learner = OnlineLogisticRegression(**meta["learner"], bits=spec.bits)
         model.learner.load_state_dict(arrays)
         model.downsampling_rate = meta["downsampling_rate"]
@@ -169,3 +177,12 @@ class CtrModel:
             text = arrays["trees"].tobytes().decode()
             model.trees = TreeModel.from_string(text, **meta["trees"])
         return model
+
+    def snapshot(self, store: SnapshotStore) -> Path:
+        """Save a new snapshot version atomically; returns its path."""
+        return store.save(*self.state())
+
+    @classmethod
+    def restore(cls, store: SnapshotStore, settings: Settings) -> CtrModel:
+        """Rebuild the model from the latest snapshot (raises SnapshotError if damaged)."""
+        return cls.from_state(*store.load_latest(), settings)

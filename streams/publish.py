@@ -41,6 +41,7 @@ from engine.features import FeatureBatch
 from engine.learner import LinearScorer
 from engine.model import CtrModel
 from engine.snapshot import SnapshotError, dumps, loads
+from streams.redis_store import VersionedRecords
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,9 @@ class Published:
     extra_state: dict
 
 
-class ModelPublisher:
+class ModelPublisher(VersionedRecords):
     """Writes and reads model snapshots under ``key_prefix`` (see the module docstring)."""
 
-    def __init__(self, client: redis.Redis, key_prefix: str, keep: int = 5):
-        if keep < 1:
-            raise ValueError("keep must be >= 1")
-        self.redis = client
-        self.prefix = key_prefix
-        self.keep = keep
-
-    # -- keys ------------------------------------------------------------------------------
     @property
     def latest_key(self) -> str:
         return f"{self.prefix}:latest"
@@ -81,7 +74,7 @@ class ModelPublisher:
     def versions_key(self) -> str:
         return f"{self.prefix}:versions"
 
-    def snapshot_key(self, version: int) -> str:
+    def item_key(self, version: int) -> str:
         return f"{self.prefix}:snapshot:{version}"
 
     # -- writing ---------------------------------------------------------------------------
@@ -96,7 +89,7 @@ class ModelPublisher:
                     pipe.watch(self.latest_key)
                     current = pipe.get(self.latest_key)
                     version = int(current) + 1 if current is not None else 1
-                    kept = [int(v) for v in pipe.zrange(self.versions_key, 0, -1)]
+                    stale = self._stale(pipe, version)
                     data = dumps(
                         arrays,
                         {
@@ -106,14 +99,10 @@ class ModelPublisher:
                             "published_ts": time.time(),
                         },
                     )
-                    stale = sorted({*kept, version})[: max(0, len(kept) + 1 - self.keep)]
                     pipe.multi()
-                    pipe.set(self.snapshot_key(version), data)
-                    pipe.zadd(self.versions_key, {str(version): version})
+                    pipe.set(self.item_key(version), data)
                     pipe.set(self.latest_key, version)
-                    if stale:
-                        pipe.delete(*(self.snapshot_key(v) for v in stale))
-                        pipe.zrem(self.versions_key, *(str(v) for v in stale))
+                    self._retain(pipe, version, stale)
                     pipe.execute()
                     return version
                 except redis.WatchError:
@@ -124,12 +113,9 @@ class ModelPublisher:
         value = self.redis.get(self.latest_key)
         return int(value) if value is not None else None
 
-    def versions(self) -> list[int]:
-        return sorted(int(v) for v in self.redis.zrange(self.versions_key, 0, -1))
-
     def load(self, version: int, settings: Settings) -> Published:
         """One version; raises :class:`SnapshotError` if missing, corrupt or foreign."""
-        key = self.snapshot_key(version)
+        key = self.item_key(version)
         data = self.redis.get(key)
         if data is None:
             raise SnapshotError(f"redis {key}: no such snapshot")

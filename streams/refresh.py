@@ -65,6 +65,7 @@ import redis
 from engine.config import Settings, load_settings
 from engine.trees import TreeModel
 from streams.example_store import HOUR, ExampleStore
+from streams.redis_store import VersionedRecords
 
 log = logging.getLogger("adengine.refresh")
 
@@ -124,15 +125,8 @@ def _train(
     return trees, n
 
 
-class TreePublisher:
+class TreePublisher(VersionedRecords):
     """Writes and reads tree versions in Redis (layout in the module docstring)."""
-
-    def __init__(self, client: redis.Redis, key_prefix: str, keep: int = 5):
-        if keep < 1:
-            raise ValueError("keep must be >= 1")
-        self.redis = client
-        self.prefix = key_prefix
-        self.keep = keep
 
     @property
     def latest_key(self) -> str:
@@ -142,7 +136,7 @@ class TreePublisher:
     def versions_key(self) -> str:
         return f"{self.prefix}:trees:versions"
 
-    def key(self, version: int) -> str:
+    def item_key(self, version: int) -> str:
         return f"{self.prefix}:trees:{version}"
 
     def latest_version(self) -> int | None:
@@ -179,17 +173,13 @@ class TreePublisher:
                             f"tree version {trees.version} is not newer than the published "
                             f"{int(current)}"
                         )
-                    kept = [int(v) for v in pipe.zrange(self.versions_key, 0, -1)]
-                    stale = sorted({*kept, trees.version})[: max(0, len(kept) + 1 - self.keep)]
+                    stale = self._stale(pipe, trees.version)
                     pipe.multi()
-                    pipe.delete(self.key(trees.version))
-                    pipe.hset(self.key(trees.version), mapping=fields)
+                    pipe.delete(self.item_key(trees.version))
+                    pipe.hset(self.item_key(trees.version), mapping=fields)
                     pipe.delete(self.latest_key)
                     pipe.hset(self.latest_key, mapping=fields)
-                    pipe.zadd(self.versions_key, {str(trees.version): trees.version})
-                    if stale:
-                        pipe.delete(*(self.key(v) for v in stale))
-                        pipe.zrem(self.versions_key, *(str(v) for v in stale))
+                    self._retain(pipe, trees.version, stale)
                     pipe.execute()
                     return trees.version
                 except redis.WatchError:
@@ -211,7 +201,7 @@ class TreePublisher:
         return TreeModel.from_string(text, version, n_features, base_margin)
 
     def load(self, version: int) -> TreeModel:
-        key = self.key(version)
+        key = self.item_key(version)
         return self._decode(self.redis.hgetall(key), key)
 
     def load_latest(self) -> TreeModel | None:
@@ -220,9 +210,6 @@ class TreePublisher:
         if not raw:
             return None
         return self._decode(raw, self.latest_key)
-
-    def versions(self) -> list[int]:
-        return sorted(int(v) for v in self.redis.zrange(self.versions_key, 0, -1))
 
 
 @dataclass

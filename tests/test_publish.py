@@ -125,7 +125,7 @@ def test_corrupt_snapshot_is_refused_and_previous_kept(settings, data, client):
     subscriber = ModelSubscriber(publisher, settings)
     assert subscriber.refresh() and subscriber.version == 1
     publisher.publish(trained(settings, data, n=1000), {"n": 2})
-    key = publisher.snapshot_key(2)
+    key = publisher.item_key(2)
     raw = bytearray(client.get(key))
     raw[-100] ^= 0xFF  # flip a byte of the body
     client.set(key, bytes(raw))

@@ -21,7 +21,21 @@ trainer until SIGTERM/SIGINT. It
    to the logged dense values) and updates the counting features;
 5. every ``publish_every_examples`` records or ``publish_every_s`` seconds publishes the
    model with the offsets, dedup and guard state in one Redis transaction, then sends
-   ``{"version": ...}`` to the model-updates topic.
+   ``{"version": ...}`` to the model-updates topic;
+6. feeds the GBDT refresh (:mod:`streams.refresh`): the examples the LR learnt (not the
+   duplicates, dead letters or the non-clicks paused by the stall guard) are buffered and
+   appended to the :class:`~streams.example_store.ExampleStore` at ``[refresh] store_dir``
+   just before each publish;
+7. moves the model onto new GBDT versions: between mini-batches, every
+   ``tree_check_every_s`` seconds (default 5) and at once on a model-updates message with
+   ``"kind": "trees"``, and once after :meth:`Trainer.restore`, it compares
+   :meth:`TreePublisher.latest_version <streams.refresh.TreePublisher.latest_version>`
+   with the model's tree version (0 without trees). A newer version is loaded and, unless
+   it fails to load (:class:`~streams.refresh.TreeLoadError`) or its ``n_features`` is not
+   the dense width of the examples (both logged; the current trees stay and that version
+   is not tried again), installed with :meth:`CtrModel.set_trees
+   <engine.model.CtrModel.set_trees>`, and a publish follows right after. Serving gets
+   trees only inside the trainer's snapshot, so leaves and LR weights always match.
 
 Why aiokafka and not a faust agent: the source of truth for "what has been learnt" is the
 Redis snapshot, so the consumer must start exactly at the offsets stored in it. A faust
@@ -38,7 +52,10 @@ After a kill the trainer restarts from that snapshot and re-reads everything aft
 offsets, none of which the restored model has learnt, so every example is learnt once.
 What is *not* exactly-once: dead letters and model-update messages sent between the last
 publish and a crash are sent again (or, for the update message, lost when the crash falls
-between the Redis write and the send; subscribers also poll Redis).
+between the Redis write and the send; subscribers also poll Redis). The example store is
+at-least-once: the buffer is appended *before* the snapshot that covers it is written, so
+a crash in between appends those examples again after the restart (reads dedup by
+``example_id``); a failed append is logged and retried at the next publish.
 """
 
 from __future__ import annotations
@@ -64,12 +81,16 @@ from engine.features import FeatureBatch
 from engine.metrics import ProgressiveValidation
 from engine.model import CtrModel
 from engine.replay import spec_for
+from streams.example_store import ExampleStore
 from streams.publish import ModelPublisher
+from streams.refresh import TreeLoadError, TreePublisher
 from streams.trainer_state import SeenIds, StallGuard
 
 log = logging.getLogger("adengine.trainer")
 
 DEFAULT_DEDUP_CAPACITY = 100_000
+TREE_CHECK_EVERY_S = 5.0  # poll Redis for a newer GBDT version at most this often
+MAX_STORE_BACKLOG = 1_000_000  # examples kept for the store while appends keep failing
 
 
 class TrainerMetrics:
@@ -98,6 +119,9 @@ class TrainerMetrics:
         self.paused = counter("paused", "Non-clicks skipped while stalled")
         self.stalls = counter("stalls", "Click stalls detected")
         self.publishes = counter("publishes", "Model snapshots published")
+        self.tree_version = gauge("tree_version", "GBDT version the LR learns on (0: none)")
+        self.tree_refusals = counter("tree_refusals", "GBDT versions refused (load or shape)")
+        self.store_errors = counter("store_errors", "Failed appends to the example store")
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()
@@ -131,6 +155,8 @@ class Trainer:
         schema: str = "synthetic",
         dedup_capacity: int = DEFAULT_DEDUP_CAPACITY,
         keep: int = 5,
+        store: ExampleStore | None = None,
+        tree_check_every_s: float = TREE_CHECK_EVERY_S,
     ):
         self.settings = settings
         self.cfg = settings.trainer
@@ -138,6 +164,9 @@ class Trainer:
         self.topic = settings.kafka.examples_topic
         self.partitions = settings.kafka.examples_partitions
         self.publisher = ModelPublisher(client, settings.redis.model_key, keep=keep)
+        self.tree_publisher = TreePublisher(client, settings.redis.model_key)
+        self.store = store if store is not None else ExampleStore(settings.refresh.store_dir)
+        self.tree_check_every_s = tree_check_every_s
         self.schema = schema
         self.dedup_capacity = dedup_capacity
         self.metrics = TrainerMetrics()
@@ -155,6 +184,12 @@ class Trainer:
         self._producer = None
         self._http = None
         self._shape: tuple[int, int] | None = None
+        self._to_store: list[TrainingExample] = []  # learnt, not yet in the example store
+        self._force_publish = False  # new trees installed: publish without waiting
+        self._trees_due = False  # a "trees" model-updates message arrived
+        self._last_tree_check = -math.inf
+        self._refused_trees: set[int] = set()
+        self._update_parts: list = []  # model-updates partitions (TopicPartition)
 
     # -- state -------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -167,6 +202,7 @@ class Trainer:
             log.info(
                 "no published model under %r: fresh %s model", self.publisher.prefix, schema.name
             )
+            self.refresh_trees()
             return
         state = published.extra_state
         self.model, self.version = published.model, published.version
@@ -200,6 +236,7 @@ class Trainer:
         ]:
             counter.inc(value)
         m.model_version.set(self.version)
+        m.tree_version.set(self.tree_version)
         self._update_gauges()
         log.info(
             "resumed from snapshot %s (model %s, %d examples learnt), offsets %s",
@@ -208,6 +245,7 @@ class Trainer:
             self.model.learner.n_examples,
             self.offsets,
         )
+        self.refresh_trees()
 
     def trainer_state(self) -> dict:
         return {
@@ -222,6 +260,71 @@ class Trainer:
     def _expected_shape(self) -> tuple[int, int]:
         probe = self.model.pipeline.transform_many([{}])
         return probe.indices.shape[1], probe.dense.shape[1]
+
+    # -- GBDT versions -------------------------------------------------------------------------
+    @property
+    def tree_version(self) -> int:
+        """Version of the trees the model's LR learns on; 0 without trees."""
+        trees = self.model.trees if self.model is not None else None
+        return trees.version if trees is not None else 0
+
+    def tree_check_due(self) -> bool:
+        if self.model is None or not self.model.use_trees:
+            return False
+        waited = time.monotonic() - self._last_tree_check
+        return self._trees_due or waited >= self.tree_check_every_s
+
+    def refresh_trees(self) -> bool:
+        """Install the newest published trees if newer than the model's; True when installed.
+
+        Synchronous (Redis reads and LightGBM parsing): the loop runs it in a thread while
+        it awaits, i.e. between mini-batches, never inside one. A version that fails to
+        load or whose ``n_features`` is not the examples' dense width is logged and
+        remembered (not tried again); the current trees stay.
+        """
+        self._trees_due = False
+        self._last_tree_check = time.monotonic()
+        if self.model is None or not self.model.use_trees:
+            return False
+        try:
+            latest = self.tree_publisher.latest_version()
+        except redis.RedisError as exc:
+            log.warning("tree version check failed: %s", exc)
+            return False
+        current = self.tree_version
+        if latest is None or latest <= current or latest in self._refused_trees:
+            return False
+        try:
+            trees = self.tree_publisher.load_latest()
+        except (TreeLoadError, redis.RedisError) as exc:
+            # a Redis error is transient: try again at the next check; a bad model is not
+            if isinstance(exc, TreeLoadError):
+                self._refuse_trees(latest, str(exc))
+            else:
+                log.warning("loading trees v%d failed: %s", latest, exc)
+            return False
+        if trees is None or trees.version <= current or trees.version in self._refused_trees:
+            return False  # deleted or replaced between the two reads: the next check decides
+        if self._shape is None:
+            self._shape = self._expected_shape()
+        dense_width = self._shape[1]
+        if trees.n_features != dense_width:
+            self._refuse_trees(
+                trees.version,
+                f"trees use {trees.n_features} dense features, the examples have {dense_width}",
+            )
+            return False
+        before = self.model.version
+        self.model.set_trees(trees)
+        self.metrics.tree_version.set(trees.version)
+        self._force_publish = True
+        log.info("moved onto trees v%d (model %s -> %s)", trees.version, before, self.model.version)
+        return True
+
+    def _refuse_trees(self, version: int, reason: str) -> None:
+        self._refused_trees.add(version)
+        self.metrics.tree_refusals.inc()
+        log.error("refusing trees v%d, keeping v%d: %s", version, self.tree_version, reason)
 
     # -- one mini-batch (synchronous, no I/O) --------------------------------------------------
     def process(self, records: list) -> BatchResult:
@@ -300,6 +403,7 @@ class Trainer:
         self.pv.update_many(y, p, w)
         self.model.learn_many(batch, y)
         self.model.pipeline.observe(batch, y)
+        self._to_store.extend(examples)
         self.stats.learned += len(examples)
         self.metrics.learned.inc(len(examples))
         self._update_gauges()
@@ -336,6 +440,8 @@ class Trainer:
 
     # -- publication -------------------------------------------------------------------------
     def publish_due(self) -> bool:
+        if self._force_publish:
+            return True
         if self._unpublished == 0:
             return False
         waited = time.monotonic() - self._last_publish
@@ -354,12 +460,35 @@ class Trainer:
             raise
         self.version = version
         self._unpublished = 0
+        self._force_publish = False
         self._last_publish = time.monotonic()
         self.metrics.publishes.inc()
         self.metrics.model_version.set(version)
         return version
 
+    def flush_store(self) -> int:
+        """Append the learnt-but-unstored examples to the example store; how many.
+
+        On failure the examples stay buffered (the oldest dropped beyond
+        ``MAX_STORE_BACKLOG``) and the next call tries again.
+        """
+        pending = self._to_store
+        if not pending:
+            return 0
+        self._to_store = []
+        try:
+            self.store.append(pending)
+        except Exception as exc:  # noqa: BLE001 - the LR must not stop for the GBDT's data
+            self.metrics.store_errors.inc()
+            self._to_store = (pending + self._to_store)[-MAX_STORE_BACKLOG:]
+            log.error("example store append of %d examples failed: %s", len(pending), exc)
+            return 0
+        return len(pending)
+
     async def publish(self) -> int:
+        # the store first: a crash between the two repeats the append (at-least-once)
+        # rather than losing the examples the snapshot says were learnt
+        await asyncio.to_thread(self.flush_store)
         version = self.publish_snapshot()
         message = {
             "version": version,
@@ -416,12 +545,23 @@ class Trainer:
         )
         await self._consumer.start()
         parts = [TopicPartition(self.topic, p) for p in range(self.partitions)]
-        self._consumer.assign(parts)
+        # the model-updates topic too (from its end): "trees" messages trigger a tree check
+        updates = self.settings.kafka.model_updates_topic
+        await self._consumer.topics()  # metadata of every topic
+        self._update_parts = [
+            TopicPartition(updates, p)
+            for p in sorted(self._consumer.partitions_for_topic(updates) or ())
+        ]
+        if not self._update_parts:
+            log.warning("no topic %r: new trees are found by polling Redis only", updates)
+        self._consumer.assign(parts + self._update_parts)
         for tp in parts:
             if tp.partition in self.offsets:
                 self._consumer.seek(tp, self.offsets[tp.partition])
             else:
                 await self._consumer.seek_to_beginning(tp)
+        if self._update_parts:
+            await self._consumer.seek_to_end(*self._update_parts)
         log.info("consuming %s partitions %s from %s", self.topic, self.partitions, self.offsets)
 
     async def stop(self) -> None:
@@ -440,7 +580,7 @@ class Trainer:
         await self.start()
         try:
             await self._loop()
-            if self._unpublished:
+            if self._unpublished or self._force_publish:
                 await self.publish()
         finally:
             await self.stop()
@@ -452,22 +592,42 @@ class Trainer:
         while not self._stop.is_set():
             now = time.monotonic()
             wait = max_wait if first_at is None else max(0.0, first_at + max_wait - now)
-            wait = min(wait, max(0.0, self._last_publish + self.cfg.publish_every_s - now))
+            if self._unpublished:  # idle (nothing to publish): no reason to wake early
+                wait = min(wait, max(0.0, self._last_publish + self.cfg.publish_every_s - now))
+            if self._force_publish:
+                wait = 0.0
             data = await self._consumer.getmany(
                 timeout_ms=max(1, int(wait * 1000)), max_records=size - len(buffer)
             )
-            for records in data.values():
-                buffer.extend(records)
+            for tp, records in data.items():
+                if tp.topic == self.topic:
+                    buffer.extend(records)
+                else:
+                    self._on_update(records)
             now = time.monotonic()
             if buffer and first_at is None:
                 first_at = now
             if buffer and (len(buffer) >= size or now - first_at >= max_wait):
                 await self._flush(buffer)
                 buffer, first_at = [], None
+            # between mini-batches (the buffer has not been scored yet): newer trees?
+            if self.tree_check_due():
+                await asyncio.to_thread(self.refresh_trees)
             if self.publish_due():
                 await self.publish()
         if buffer:
             await self._flush(buffer)
+
+    def _on_update(self, records: list) -> None:
+        """Model-updates messages: a ``"trees"`` one makes the next tree check due."""
+        for record in records:
+            try:
+                message = json.loads(record.value)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(message, dict) and message.get("kind") == "trees":
+                log.info("trees v%s announced", message.get("version"))
+                self._trees_due = True
 
     async def _flush(self, buffer: list) -> None:
         result = self.process(buffer)

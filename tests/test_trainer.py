@@ -50,6 +50,7 @@ def env(tmp_path, broker):
         "ADENGINE_KAFKA_MODEL_UPDATES_TOPIC": f"t{tag}.model-updates",
         "ADENGINE_KAFKA_DEAD_LETTERS_TOPIC": f"t{tag}.dead-letters",
         "ADENGINE_REDIS_EMBEDDED_PATH": str(tmp_path / "redis" / "trainer.db"),
+        "ADENGINE_REFRESH_STORE_DIR": str(tmp_path / "examples"),
         "ADENGINE_REDIS_MODEL_KEY": f"t{tag}:model",
         "ADENGINE_TRAINER_BATCH_SIZE": "64",
         "ADENGINE_TRAINER_MAX_WAIT_S": "0.1",
@@ -439,3 +440,152 @@ def test_kill_9_mid_stream_resumes_from_snapshot_offsets(env, tmp_path):
     assert final.model.learner.n_examples == 2400, (killed_at, stats)  # each example once
     assert stats["learned"] == 2400 and stats["duplicates"] == 200
     print(f"killed with {killed_at} of {total} records in the snapshot")
+
+
+# -- the GBDT refresh wiring -----------------------------------------------------------------
+
+
+def test_learnt_examples_and_only_those_go_to_the_example_store(env):
+    import pyarrow.parquet as pq
+
+    from streams.example_store import ExampleStore
+
+    settings = make_settings(env, stall_window_s=60, stall_min_impressions=200)
+    kafka = settings.kafka
+    head = examples(settings, 300, seed=3)
+    outage = examples(settings, 500, seed=3, start=300, labels=lambda i, r: 0)  # stall
+    unique = head + outage
+    payloads = [encode(e) for e in unique] + [encode(e) for e in head[:40]] + [b"junk"]
+    produce(kafka.bootstrap_servers, kafka.examples_topic, payloads)
+    client = redis_store.connect(settings)
+    trainer = Trainer(settings, kafka.bootstrap_servers, client)
+    asyncio.run(run_until(trainer, lambda: consumed(trainer) == len(payloads)))
+
+    stats = trainer.stats
+    assert stats.duplicates == 40 and stats.malformed == 1 and stats.paused > 100
+    assert stats.learned + stats.paused == len(unique)
+    store = ExampleStore(settings.refresh.store_dir)
+    files = store.files(-math.inf, math.inf)
+    assert files and not trainer._to_store  # everything learnt was flushed
+    raw_ids = [i for f in files for i in pq.read_table(f, columns=["example_id"])["example_id"]]
+    assert len(raw_ids) == len(set(raw_ids)) == stats.learned  # no crash: no duplicates
+    table = store.read_table(-math.inf, math.inf)
+    stored = dict(zip(table["example_id"].to_pylist(), table["label"].to_pylist(), strict=True))
+    by_id = {e.example_id: e for e in unique}
+    assert set(stored) <= set(by_id)
+    assert all(by_id[i].label == label for i, label in stored.items())
+    # every click is learnt (and stored); the paused non-clicks are not
+    assert {i for i, e in by_id.items() if e.label} <= set(stored)
+    assert sum(1 for i in by_id if i not in stored) == stats.paused
+    published = ModelPublisher(client, settings.redis.model_key).load_latest(settings)
+    assert published.model.learner.n_examples == len(stored)
+    dense, y, _ = store.read_window(max(e.impression_ts for e in unique) + 1, 10_000)
+    assert dense.shape == (len(stored), len(unique[0].features.dense))
+
+
+def _trees(items, version: int, extra_columns: int = 0):
+    import numpy as np
+
+    from engine.config import TreeSettings
+    from engine.trees import TreeModel
+
+    dense = np.array([e.features.dense for e in items], dtype=float)
+    if extra_columns:
+        dense = np.hstack([dense, np.zeros((len(items), extra_columns))])
+    y = np.array([e.label for e in items])
+    return TreeModel.fit(dense, y, TreeSettings(num_trees=4, min_data_in_leaf=10), version)
+
+
+def _announce(settings, version: int) -> None:
+    message = {"kind": "trees", "version": version, "key": settings.redis.model_key}
+    produce(
+        settings.kafka.bootstrap_servers,
+        settings.kafka.model_updates_topic,
+        [json.dumps(message).encode()],
+    )
+
+
+def test_trainer_moves_onto_published_trees_and_refuses_a_mismatched_width(env, caplog):
+    from streams.refresh import TreePublisher
+
+    # polling is off (an hour): only the "trees" model-updates message triggers a check
+    settings = make_settings(env, publish_every_examples=10_000)
+    kafka = settings.kafka
+    items = examples(settings, 1200, seed=4)
+    client = redis_store.connect(settings)
+    publisher = ModelPublisher(client, settings.redis.model_key)
+    trees = TreePublisher(client, settings.redis.model_key)
+    trainer = Trainer(settings, kafka.bootstrap_servers, client, tree_check_every_s=3600)
+
+    def latest_model_version() -> str:
+        latest = publisher.load_latest(settings)
+        return latest.model.version if latest is not None else ""
+
+    async def until(predicate, what: str, timeout: float = 20.0):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+
+    async def scenario():
+        task = asyncio.create_task(trainer.run())
+        try:
+            await asyncio.to_thread(
+                produce, kafka.bootstrap_servers, kafka.examples_topic, map(encode, items[:400])
+            )
+            await until(lambda: consumed(trainer) == 400 and not trainer.unpublished, "400")
+            assert latest_model_version().startswith("t0.")
+            # a good tree version, announced on the model-updates topic
+            trees.publish(_trees(items[:400], version=1))
+            await asyncio.to_thread(_announce, settings, 1)
+            await until(lambda: latest_model_version().startswith("t1."), "trees v1 published")
+            assert trainer.tree_version == 1
+            # a tree version trained on another dense width: refused, v1 stays
+            trees.publish(_trees(items[:400], version=2, extra_columns=1))
+            await asyncio.to_thread(_announce, settings, 2)
+            await until(lambda: 2 in trainer._refused_trees, "trees v2 refused")
+            await asyncio.to_thread(
+                produce, kafka.bootstrap_servers, kafka.examples_topic, map(encode, items[400:800])
+            )
+            await until(lambda: consumed(trainer) == 800 and not trainer.unpublished, "800")
+        finally:
+            trainer.request_stop()
+            await asyncio.wait_for(task, 30)
+
+    with caplog.at_level(logging.INFO, logger="adengine.trainer"):
+        asyncio.run(scenario())
+    latest = publisher.load_latest(settings)
+    assert latest.model.version.startswith("t1.") and latest.model.trees.version == 1
+    assert latest.model.learner.n_examples == 800
+    assert trainer.metrics.tree_refusals._value.get() == 1
+    assert any("trees v1 announced" in r.message for r in caplog.records)  # the message path
+    assert any("refusing trees v2" in r.message and "dense" in r.message for r in caplog.records)
+    # the served model carries the trees (serving gets them only through the snapshot)
+    subscriber = ModelSubscriber(publisher, settings)
+    assert subscriber.refresh() and subscriber.current.model.trees.version == 1
+    assert subscriber.predict_proba_many(_batch(items[800:805])).shape == (5,)
+
+    # after a restart the same check runs at restore: v2 is refused again, v3 is taken
+    restarted = Trainer(settings, kafka.bootstrap_servers, client)
+    restarted.restore()
+    assert restarted.tree_version == 1 and 2 in restarted._refused_trees
+    trees.publish(_trees(items[:800], version=3))
+    again = Trainer(settings, kafka.bootstrap_servers, client, tree_check_every_s=0.2)
+    again.restore()
+    assert again.tree_version == 3 and again.publish_due()  # a publish follows at once
+    # and polling (no message) finds v4 between batches; v4's snapshot is published
+    again_seen = {}
+
+    async def publish_v4():
+        trees.publish(_trees(items[:800], version=4))
+        deadline = time.monotonic() + 20
+        while not latest_model_version().startswith("t4."):
+            assert time.monotonic() < deadline, "timed out waiting for trees v4 by polling"
+            await asyncio.sleep(0.05)
+        again_seen["version"] = latest_model_version()
+
+    produce(kafka.bootstrap_servers, kafka.examples_topic, [encode(e) for e in items[800:900]])
+    asyncio.run(run_until(again, lambda: consumed(again) == 900, during=publish_v4))
+    assert again_seen["version"].startswith("t4.")
+    final = publisher.load_latest(settings)
+    assert final.model.trees.version == 4 and final.model.learner.n_examples == 900

@@ -1,0 +1,252 @@
+"""Joiner throughput per worker against a plain aiokafka consume-and-produce loop.
+
+Starts the embedded broker, writes a backlog of impressions and clicks (keyed by
+impression id, event times spread over more than one join window so negatives expire),
+then measures, on the same broker in the same run:
+
+* the joiner: one ``python -m streams.joiner worker`` process draining the backlog;
+  throughput = input events / (time of the last expected output - time of the first);
+* the peer: one process-local aiokafka loop that consumes the same two topics, decodes
+  every record with :func:`engine.events.decode_any` and produces one record per event
+  to another topic, timed the same way.
+
+Run: ``python bench/joiner_throughput.py [--impressions 3000]``. Last line: one JSON
+object with ``events_per_s``, ``aiokafka_events_per_s`` and ``ratio`` (target >= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+
+from engine.calibration import NegativeDownsampler
+from engine.config import load_settings
+from engine.events import Engagement, Impression, ScoredFeatures, decode_any, encode
+from streams.broker import EmbeddedBroker
+from streams.topics import ensure_topics
+
+REPO = Path(__file__).resolve().parents[1]
+WINDOW_S = 60.0
+PARTITIONS = 4
+
+
+def backlog(n_impressions: int, click_rate: float) -> list[tuple[str, str, bytes]]:
+    """(role, key, value) records: impressions every 0.1 s of event time, some clicked."""
+    features = ScoredFeatures(indices=[1, 2, 3], values=[0.5, 0.5, 0.5], dense=[1.0, 2.0])
+    records, stride = [], max(1, round(1 / click_rate))
+    for i in range(n_impressions):
+        ts = 1_700_000_000.0 + 0.1 * i
+        imp_id = f"imp-{i}"
+        impression = Impression(
+            impression_id=imp_id,
+            request_id=f"r{i}",
+            ts=ts,
+            ad_id="a",
+            campaign_id="c",
+            advertiser_id="adv",
+            position=0,
+            price=0.1,
+            model_version="t0.w0",
+            exploration=False,
+            pctr=0.05,
+            features=features,
+        )
+        records.append(("impressions", imp_id, encode(impression)))
+        if i % stride == 0:
+            click = Engagement(engagement_id=f"e{i}", impression_id=imp_id, ts=ts + 1, kind="click")
+            records.append(("engagements", imp_id, encode(click)))
+    end = 1_700_000_000.0 + 0.1 * n_impressions + 2 * WINDOW_S
+    for part in range(PARTITIONS):  # advance every partition's event time past the window
+        key = next(
+            f"tick-{part}-{j}" for j in range(10_000) if _partition(f"tick-{part}-{j}") == part
+        )
+        tick = Impression(
+            impression_id=key,
+            request_id="tick",
+            ts=end,
+            ad_id="a",
+            campaign_id="c",
+            advertiser_id="adv",
+            position=0,
+            price=0.0,
+            model_version="t0.w0",
+            exploration=False,
+            pctr=0.0,
+            features=features,
+        )
+        hide = Engagement(engagement_id=f"h-{key}", impression_id=key, ts=end, kind="hide")
+        records += [("impressions", key, encode(tick)), ("engagements", key, encode(hide))]
+    return records
+
+
+def _partition(key: str) -> int:
+    """The partition aiokafka's default partitioner picks for ``key``."""
+    partitions = list(range(PARTITIONS))
+    return DefaultPartitioner()(key.encode(), partitions, partitions)
+
+
+async def produce(bootstrap: str, topics: dict[str, str], records) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for role, key, value in records:
+            await producer.send(topics[role], value, key=key.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def drain(bootstrap: str, topic: str, expected: int, timeout_s: float) -> tuple[float, float]:
+    """Consume ``topic`` from the start until ``expected`` records; (first, last) arrival times."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    consumer.assign(parts)
+    await consumer.seek_to_beginning(*parts)
+    seen, first, last = 0, None, None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while seen < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            now = time.perf_counter()
+            for records in batch.values():
+                if records and first is None:
+                    first = now
+                seen += len(records)
+                if records:
+                    last = now
+    finally:
+        await consumer.stop()
+    if seen < expected:
+        raise RuntimeError(f"{topic}: {seen} of {expected} records before the timeout")
+    return first, last
+
+
+async def plain_loop(bootstrap: str, topics: dict[str, str], out_topic: str, n: int) -> float:
+    """The peer: consume both topics, decode, produce one record per event; events/s."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await consumer.start()
+    await producer.start()
+    parts = [
+        TopicPartition(topics[r], p)
+        for r in ("impressions", "engagements")
+        for p in range(PARTITIONS)
+    ]
+    consumer.assign(parts)
+    await consumer.seek_to_beginning(*parts)
+    done, start = 0, None
+    try:
+        while done < n:
+            batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+            for records in batch.values():
+                for record in records:
+                    if start is None:
+                        start = time.perf_counter()
+                    event = decode_any(record.value)
+                    await producer.send(out_topic, encode(event), key=record.key)
+                    done += 1
+        await producer.flush()
+        return n / (time.perf_counter() - start)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impressions", type=int, default=3000)
+    parser.add_argument("--click-rate", type=float, default=0.2)
+    parser.add_argument("--timeout", type=float, default=240.0)
+    args = parser.parse_args()
+
+    settings = load_settings()
+    rate = settings.calibration.negative_downsampling_rate
+    records = backlog(args.impressions, args.click_rate)
+    n_events = len(records)
+    n_clicks = sum(1 for role, _, _ in records if role == "engagements") - PARTITIONS
+    run = uuid.uuid4().hex[:6]
+    topics = {
+        r: f"bench-{run}.{r}"
+        for r in ("impressions", "engagements", "examples", "late_clicks", "dead_letters")
+    }
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        bootstrap = broker.bootstrap_servers
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ADENGINE_")}
+        env.update(
+            KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+            ADENGINE_JOINER_APP_ID=f"bench-{run}",
+            ADENGINE_JOINER_WINDOW_S=str(WINDOW_S),
+        )
+        for role, name in topics.items():
+            env[f"ADENGINE_KAFKA_{role.upper()}_TOPIC"] = name
+        for role in ("impressions", "engagements", "examples"):
+            env[f"ADENGINE_KAFKA_{role.upper()}_PARTITIONS"] = str(PARTITIONS)
+        ensure_topics(bootstrap, load_settings(env=env))
+        asyncio.run(produce(bootstrap, topics, records))
+
+        peer = asyncio.run(plain_loop(bootstrap, topics, f"bench-{run}.peer-out", n_events))
+
+        if rate >= 1.0:
+            expected = args.impressions
+        else:  # downsampled negatives: count what the joiner's keyed sampler keeps
+            sampler = NegativeDownsampler(rate)  # as the joiner builds it
+            clicked = {key for role, key, _ in records if role == "engagements"}
+            expected = n_clicks + sum(
+                sampler.keep(0, key=f"imp-{i}")
+                for i in range(args.impressions)
+                if f"imp-{i}" not in clicked
+            )
+        log = open(Path(tmp) / "joiner.log", "wb")  # noqa: SIM115 - closed below
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "streams.joiner", "worker", "-l", "warn", "--without-web"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            first, last = asyncio.run(drain(bootstrap, topics["examples"], expected, args.timeout))
+        except RuntimeError:
+            log.flush()
+            print((Path(tmp) / "joiner.log").read_text()[-3000:], file=sys.stderr)
+            raise
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+            log.close()
+    ours = n_events / max(last - first, 1e-9)
+    result = {
+        "benchmark": "joiner_throughput",
+        "events": n_events,
+        "impressions": args.impressions,
+        "clicks": n_clicks,
+        "examples": expected,
+        "events_per_s": round(ours),
+        "aiokafka_events_per_s": round(peer),
+        "ratio": round(ours / peer, 3),
+        "target_ratio": 0.5,
+        "timing": "backlog drained; first to last output record (group join excluded)",
+    }
+    print(f"joiner {ours:,.0f} events/s vs plain aiokafka loop {peer:,.0f} events/s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

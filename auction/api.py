@@ -18,7 +18,15 @@ Status codes:
   the field(s), ``errors`` lists ``{"field", "message"}``;
 * 400 a well-formed request breaking a rule across fields (``end_ts <= start_ts``,
   ``daily_budget > total_budget``): ``detail`` plus ``field``;
-* 503 the budget store (Redis) is unavailable.
+* 503 the budget store (Redis) is unavailable, or ad serving is not configured.
+
+Ad serving: ``POST /v1/ad-requests`` takes an :class:`~engine.events.AdRequest` as JSON
+(the ``"type"`` tag is optional) and answers the :class:`~auction.serving.AdResponse`
+of the ``ad_server`` passed to :func:`create_app` as JSON, each ad with the
+:class:`~engine.events.Impression` event to publish once it is shown. Ad requests come
+from the platform front end, never from advertisers, so the route requires the
+**operator key** (an advertiser key gets 403); a dedicated front-end key would be a
+later refinement. An invalid body gets 422 naming the field (``user.age``, ``slots``).
 
 Budgets: creating or updating a campaign writes its daily/total budget to the
 :class:`~auction.budget.BudgetLedger` (Redis), deleting it removes the budget (so every
@@ -31,6 +39,7 @@ Observability: ``/healthz`` (process up), ``/readyz`` (Redis reachable), ``/metr
 template, never the raw path) and ``/openapi.json``.
 """
 
+import random
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -38,6 +47,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -58,6 +68,8 @@ from auction.campaigns import (
     ForbiddenError,
     NotFoundError,
 )
+from auction.serving import AdResponse, AdServer
+from engine.events import AdRequest
 
 __all__ = ["app_from_settings", "create_app"]
 
@@ -222,6 +234,54 @@ def _route_of(request: Request) -> str:
     return getattr(route, "path", None) or "<unmatched>"
 
 
+def _msgspec_field(message: str) -> str:
+    """The field a msgspec validation message names (``body`` when none).
+
+    >>> _msgspec_field("Expected `int` <= 130 - at `$.user.age`")
+    'user.age'
+    >>> _msgspec_field("Object missing required field `user_id` - at `$.user`")
+    'user.user_id'
+    >>> _msgspec_field("Object missing required field `slots`")
+    'slots'
+    """
+    path = ""
+    if "at `$" in message:
+        path = message.split("at `$", 1)[1].split("`", 1)[0].lstrip(".")
+    if "required field `" in message:
+        name = message.split("required field `", 1)[1].split("`", 1)[0]
+        path = f"{path}.{name}" if path else name
+    return path or "body"
+
+
+def _response_out(response: AdResponse) -> dict[str, Any]:
+    """The JSON body of an :class:`AdResponse` (NaN dense features become ``null``)."""
+    return {
+        "request_id": response.request_id,
+        "model_available": response.model_available,
+        "model_version": response.model_version,
+        "budget_checked": response.budget_checked,
+        "matched": response.matched,
+        "eligible": response.eligible,
+        "scored": response.scored,
+        "ads": [
+            {
+                "ad_id": ad.ad_id,
+                "campaign_id": ad.campaign_id,
+                "advertiser_id": ad.advertiser_id,
+                "impression_id": ad.impression_id,
+                "position": ad.position,
+                "price": ad.price,
+                "pricing": ad.pricing,
+                "bid": ad.bid,
+                "pctr": ad.pctr,
+                "model_version": ad.model_version,
+                "impression": ad.impression,
+            }
+            for ad in response.ads
+        ],
+    }
+
+
 # --------------------------------------------------------------------------- app
 
 
@@ -235,12 +295,14 @@ def create_app(
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
     budget_utc_offset_hours: float = 0.0,
+    ad_server: AdServer | None = None,
 ) -> FastAPI:
     """The campaign API over ``service`` (catalog) and ``ledger`` (budgets in Redis).
 
     ``keys`` defaults to a fresh in-memory :class:`KeyStore` with ``operator_key_hash``
     and scrypt cost ``key_cost``. ``registry`` defaults to a private Prometheus registry
-    (several apps in one process do not clash).
+    (several apps in one process do not clash). ``ad_server`` serves
+    ``POST /v1/ad-requests`` (503 without one).
     """
     keys = keys if keys is not None else KeyStore(operator_key_hash, cost=key_cost)
     registry = registry if registry is not None else CollectorRegistry()
@@ -475,6 +537,39 @@ def create_app(
     def delete_ad(ad_id: str, who: Caller) -> Response:
         service.delete_ad(who, ad_id)
         return Response(status_code=204)
+
+    # -- serving -----------------------------------------------------------------------
+    serve_rng = random.Random()
+
+    @app.post(
+        "/v1/ad-requests",
+        tags=["serving"],
+        responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": msgspec.json.schema(AdRequest)}},
+            }
+        },
+    )
+    async def ad_requests(request: Request, who: Operator) -> Response:
+        """Serve one ad request (operator key: the platform front end)."""
+        if ad_server is None:
+            raise HTTPException(503, "ad serving is not configured")
+        try:
+            ad_request = msgspec.json.decode(await request.body(), type=AdRequest)
+        except msgspec.DecodeError as exc:
+            field = _msgspec_field(str(exc))
+            message = str(exc)
+            return JSONResponse(
+                status_code=422,
+                content={
+                    "detail": f"{field}: {message}",
+                    "errors": [{"field": field, "message": message}],
+                },
+            )
+        response = await run_in_threadpool(ad_server.serve, ad_request, serve_rng)
+        return Response(msgspec.json.encode(_response_out(response)), media_type="application/json")
 
     return app
 

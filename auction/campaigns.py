@@ -242,6 +242,14 @@ class CampaignService:
             raise NotOwnedError(f"ad {ad_id!r} not found")
         return ad
 
+    def serving_view(self, ad_ids) -> list[tuple[Ad, Campaign]]:
+        """(ad, campaign) of indexed ads, for the platform's ad server (no principal).
+
+        Callers hold :attr:`lock` so that the index and the catalogue agree.
+        """
+        ads, campaigns = self._ads, self._campaigns
+        return [(ads[i], campaigns[ads[i].campaign_id]) for i in ad_ids]
+
     # -- advertisers -------------------------------------------------------------------
     def create_advertiser(self, principal: Principal, name: str) -> Advertiser:
         self._require_operator(principal, "create advertisers")

@@ -53,7 +53,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from auction.auction import run_auction
-from auction.auth import OPERATOR
 from auction.campaigns import CampaignService
 from auction.pacing import can_afford
 from auction.selection import top_k_by_prior
@@ -209,16 +208,14 @@ class AdServer:
         self.throttle = throttle
         self.remaining_budget = remaining_budget
         self._features_lock = threading.Lock()
+        self._ad_field_cache: dict[str, tuple] = {}
 
     # -- phases ------------------------------------------------------------------------
     def _match(self, request: AdRequest) -> list[_Candidate]:
         service = self.service
         with service.lock:
-            out = []
-            for ad_id in sorted(service.index.match(request)):
-                ad = service.get_ad(OPERATOR, ad_id)
-                out.append(_Candidate(ad, service.get_campaign(OPERATOR, ad.campaign_id)))
-            return out
+            view = service.serving_view(sorted(service.index.match(request)))
+        return [_Candidate(ad, campaign) for ad, campaign in view]
 
     def _eligible(self, candidates: list[_Candidate], rng: _Rng) -> tuple[list[_Candidate], bool]:
         skip: dict[str, bool] = {}
@@ -256,9 +253,7 @@ class AdServer:
             model, scorer, version = current
             spec_fields = model.pipeline.spec.fields
             shared = request_fields(request, self.salt)
-            ads = [ad_fields(c.ad, spec_fields) for c in candidates]
-            # The key identifies the ad's field values, so an edited ad gets fresh rows.
-            keys = [tuple(a.items()) for a in ads]
+            ads, keys = self._ad_features(candidates, spec_fields)
             with self._features_lock:
                 batch = model.pipeline.transform_request(shared, ads, keys)
             pctr = np.asarray(model.predict_proba_many(batch, scorer), dtype=np.float64)
@@ -268,6 +263,24 @@ class AdServer:
         except Exception:
             log.exception("model scoring failed: serving on prior CTR")
             return None
+
+    def _ad_features(self, candidates: list[_Candidate], spec_fields: Sequence[str]):
+        """Each candidate's feature fields and cache key, computed once per ad version.
+
+        The key identifies the ad's field values, so an edited ad (a new record) gets
+        fresh feature rows; an unchanged ad reuses its fields and key.
+        """
+        cache = self._ad_field_cache
+        ads, keys = [], []
+        for cand in candidates:
+            hit = cache.get(cand.ad.ad_id)
+            if hit is None or hit[0] is not cand.ad or hit[1] != spec_fields:
+                fields = ad_fields(cand.ad, spec_fields)
+                hit = (cand.ad, tuple(spec_fields), fields, tuple(fields.items()))
+                cache[cand.ad.ad_id] = hit
+            ads.append(hit[2])
+            keys.append(hit[3])
+        return ads, keys
 
     def _model_present(self) -> bool:
         try:

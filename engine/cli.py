@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -114,6 +115,32 @@ def _broker(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Run the ad server and campaign API (FastAPI under uvicorn) until interrupted."""
+    import uvicorn
+
+    from auction.api import app_from_settings
+    from streams.redis_store import close_embedded
+
+    settings = load_settings(args.config)
+    app = app_from_settings(settings)
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises it; a Python handler
+    # (rather than the default, which kills the process) lets the cleanup below run.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(
+            app,
+            host=args.host or settings.auction.api_host,
+            port=args.port if args.port is not None else settings.auction.api_port,
+            log_level="warning",
+        )
+    finally:
+        app.state.model_subscriber.stop()
+        if not settings.redis.url:
+            close_embedded(settings.redis.embedded_path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adengine", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="settings file (default configs/default.toml)")
@@ -143,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     broker.add_argument("--no-topics", action="store_true", help="do not create the topics")
     broker.set_defaults(handler=_broker)
+
+    serve = commands.add_parser("serve", help="run the ad server and campaign API over HTTP")
+    serve.add_argument("--host", help="listen address (default [auction] api_host)")
+    serve.add_argument("--port", type=int, help="listen port (default [auction] api_port)")
+    serve.set_defaults(handler=_serve)
     return parser
 
 

@@ -165,6 +165,24 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class AuctionSettings:
+    """The ad server and campaign API."""
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    operator_key_hash: str = ""
+    key_scrypt_cost: int = 16384
+    budget_prefix: str = "adengine:budget:"
+    budget_day_ttl_s: int = 259200
+    budget_utc_offset_hours: float = 0.0
+    top_k: int = 50
+    prior_ctr: float = 0.02
+    reserve_cpc: float = 0.01
+    reserve_cpm: float = 0.1
+    model_poll_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
     features: FeatureSettings = field(default_factory=FeatureSettings)
     trees: TreeSettings = field(default_factory=TreeSettings)
@@ -176,6 +194,7 @@ class Settings:
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    auction: AuctionSettings = field(default_factory=AuctionSettings)
 
 
 class ConfigError(ValueError):

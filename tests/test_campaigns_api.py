@@ -404,11 +404,25 @@ def test_app_from_settings_uses_the_embedded_redis(tmp_path):
     from streams.redis_store import close_embedded
 
     path = str(tmp_path / "redis.db")
-    settings = load_settings(env={"ADENGINE_REDIS_EMBEDDED_PATH": path, "ADENGINE_REDIS_URL": '""'})
-    app = app_from_settings(settings, hash_key(OPERATOR_KEY, cost=COST), key_cost=COST)
+    env = {
+        "ADENGINE_REDIS_EMBEDDED_PATH": path,
+        "ADENGINE_REDIS_URL": '""',
+        "ADENGINE_AUCTION_OPERATOR_KEY_HASH": hash_key(OPERATOR_KEY, cost=COST),
+        "ADENGINE_AUCTION_KEY_SCRYPT_COST": str(COST),
+    }
+    app = app_from_settings(load_settings(env=env))
     try:
-        assert TestClient(app).get("/readyz").json() == {"status": "ready"}
+        client = TestClient(app)
+        assert client.get("/readyz").json() == {"status": "ready"}
+        # No model published yet: ad requests are served on the prior CTR, and say so.
+        request = {"request_id": "r1", "ts": 1.7e9, "user": {"user_id": "u1"}, "slots": 2}
+        r = client.post(
+            "/v1/ad-requests", json=request, headers={"Authorization": f"Bearer {OPERATOR_KEY}"}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["model_available"] is False
     finally:
+        app.state.model_subscriber.stop()
         close_embedded(path)
 
 

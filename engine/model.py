@@ -59,6 +59,12 @@ class CtrModel:
         tree_version = self.trees.version if self.trees is not None else 0
         return f"t{tree_version}.w{self.learner.version}"
 
+    def fit_trees(self, dense: np.ndarray, y: np.ndarray, version: int) -> TreeModel:
+        """Train a GBDT on this model's dense features (its categorical columns declared)."""
+        return TreeModel.fit(
+            dense, y, self.settings.trees, version, self.pipeline.categorical_columns
+        )
+
     def set_trees(self, trees: TreeModel | None) -> None:
         """Move the LR onto a new leaf space (new coordinates start from zero weight)."""
         self.trees = trees if self.use_trees else None

@@ -102,12 +102,7 @@ class Replay:
         self.downsampler = (
             NegativeDownsampler(self.rate, seed=settings.trees.seed) if self.rate < 1 else None
         )
-        n_numeric = len(schema.numeric)
-        self.categorical_columns = (
-            list(range(n_numeric, n_numeric + len(schema.categorical)))
-            if settings.features.category_codes
-            else []
-        )
+        self.categorical_columns = self.pipeline.categorical_columns
         self._trained_at = 0
 
     def _maybe_refresh_trees(self, dense: list[np.ndarray], labels: list[np.ndarray], seen: int):
@@ -122,7 +117,7 @@ class Replay:
         X = np.vstack(dense)[-replay.gbdt_window :]
         y = np.concatenate(labels)[-replay.gbdt_window :]
         version = 1 if self.trees is None else self.trees.version + 1
-        self.trees = TreeModel.fit(X, y, self.settings.trees, version, self.categorical_columns)
+        self.trees = self.gbdt_lr.fit_trees(X, y, version)
         self.gbdt_lr.set_trees(self.trees)
         self._trained_at = seen
         return time.perf_counter() - start

@@ -291,14 +291,13 @@ class RefreshScheduler:
 
 
 def _categorical_columns(settings: Settings, schema_name: str) -> list[int]:
-    """The GBDT's categorical columns, as :class:`engine.replay.Replay` chooses them."""
-    if not settings.features.category_codes:
-        return []
+    """The GBDT's categorical columns, as the feature pipeline lays them out."""
     from engine.datasets import SCHEMAS
+    from engine.features import categorical_dense_columns
+    from engine.replay import spec_for
 
-    schema = SCHEMAS[schema_name]
-    n_numeric = len(schema.numeric)
-    return list(range(n_numeric, n_numeric + len(schema.categorical)))
+    spec = spec_for(SCHEMAS[schema_name], settings)
+    return categorical_dense_columns(spec, settings.features.category_codes)
 
 
 def _redis_client(settings: Settings) -> redis.Redis:

@@ -20,7 +20,6 @@ from engine.events import AdRequest, Impression, RequestContext, UserProfile, de
 from engine.features import request_fields
 from engine.model import CtrModel
 from engine.replay import spec_for
-from engine.trees import TreeModel
 
 NOW = 1_800_000_000.0
 SALT = "test-salt"
@@ -35,9 +34,7 @@ def model():
     records = list(synthetic_log(3000, seed=3))
     batch = model.pipeline.transform_many([r.fields for r in records])
     y = np.array([r.label for r in records])
-    n_num = len(SYNTHETIC_SCHEMA.numeric)
-    cats = list(range(n_num, n_num + len(SYNTHETIC_SCHEMA.categorical)))
-    model.set_trees(TreeModel.fit(batch.dense[:1500], y[:1500], settings.trees, 1, cats))
+    model.set_trees(model.fit_trees(batch.dense[:1500], y[:1500], version=1))
     for start in range(0, 3000, 64):
         model.learn_many(batch[start : start + 64], y[start : start + 64])
         model.pipeline.observe(batch[start : start + 64], y[start : start + 64])

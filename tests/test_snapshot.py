@@ -30,9 +30,7 @@ CHILD = textwrap.dedent(
     records = list(synthetic_log(3000, seed=3))
     batch = model.pipeline.transform_many([r.fields for r in records])
     y = np.array([r.label for r in records])
-    n_num = len(SYNTHETIC_SCHEMA.numeric)
-    cats = list(range(n_num, n_num + len(SYNTHETIC_SCHEMA.categorical)))
-    model.set_trees(TreeModel.fit(batch.dense[:1500], y[:1500], settings.trees, 1, cats))
+    model.set_trees(model.fit_trees(batch.dense[:1500], y[:1500], version=1))
     for start in range(0, 3000, 32):
         model.learn_many(batch[start:start + 32], y[start:start + 32])
         model.pipeline.observe(batch[start:start + 32], y[start:start + 32])

@@ -34,6 +34,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from engine.calibration import NegativeDownsampler
 from engine.config import load_settings
 from engine.events import Engagement, Impression, ScoredFeatures, decode_any, encode
+from streams import redis_store
 from streams.broker import EmbeddedBroker
 from streams.topics import ensure_topics
 
@@ -184,8 +185,10 @@ def main() -> None:
     }
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         bootstrap = broker.bootstrap_servers
+        redis = redis_store.embedded(Path(tmp) / "redis.db")  # the joiner's state
         env = {k: v for k, v in os.environ.items() if not k.startswith("ADENGINE_")}
         env.update(
+            REDIS_URL=redis_store.socket_url(redis),
             KAFKA_BOOTSTRAP_SERVERS=bootstrap,
             ADENGINE_JOINER_APP_ID=f"bench-{run}",
             ADENGINE_JOINER_WINDOW_S=str(WINDOW_S),
@@ -231,6 +234,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 worker.kill()
             log.close()
+            redis_store.close_embedded(Path(tmp) / "redis.db")
     ours = n_events / max(last - first, 1e-9)
     result = {
         "benchmark": "joiner_throughput",

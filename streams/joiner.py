@@ -1,256 +1,90 @@
-"""The online joiner: a faust-streaming worker turning impressions + engagements into examples.
+"""The online joiner worker: impressions + engagements -> labelled training examples.
 
 Run it with::
 
     KAFKA_BOOTSTRAP_SERVERS=host:port python -m streams.joiner worker -l info --without-web
 
-One agent consumes the impressions and engagements topics (co-partitioned: producers key
-both by impression id, and the topics have the same partition count) in batches
-(``[joiner] batch_size`` events or ``batch_max_wait_s``). Each record is decoded with
+Workers with the same ``[joiner] app_id`` form one consumer group over the impressions
+and engagements topics (co-partitioned: producers key both by impression id, and the
+topics have the same partition count) and share their partitions. Each worker reads
+batches of ``[joiner] batch_size`` records (or what arrived within ``batch_max_wait_s``)
+and hands them to a :class:`streams.join_worker.JoinWorker`: every record is decoded with
 :func:`engine.events.decode_any` and run through the :class:`streams.join.Join` of its
-partition. The join's outputs go to ``[kafka] examples_topic`` (``TrainingExample`` JSON,
-keyed by impression id) and ``late_clicks_topic`` (``SideClick`` JSON); anything that fails
-to decode or to process goes to ``dead_letters_topic`` as a :class:`streams.join.DeadLetter`
-(reason, source topic/partition/offset, key and raw bytes), and the stream goes on.
+partition; examples go to ``[kafka] examples_topic`` (``TrainingExample`` JSON, keyed by
+impression id), unjoinable clicks to ``late_clicks_topic`` (``SideClick`` JSON), and
+anything that fails to decode or to process to ``dead_letters_topic`` as a
+:class:`streams.join.DeadLetter` (reason, source topic/partition/offset, key and raw
+bytes), and the stream goes on. The join's table, per partition, lives in Redis together
+with the offsets it reflects (:mod:`streams.join_state`); see :mod:`streams.join_worker`
+for why a crash neither loses nor double-counts a label.
 
-The table behind the join is :class:`streams.join_state.JoinStateStore`: per partition, the
-join state keyed by impression id and the offsets it reflects, in Redis, written together
-after every batch. A batch is finished in this order: outputs produced and acknowledged by
-the broker, then state + offsets committed (fenced by the partition's epoch), then the
-source records acknowledged to faust, which commits them to Kafka. So the Kafka offsets
-never run ahead of the state, a restarted worker skips exactly the events its state
-already holds, and a batch interrupted by a crash is joined again from the same state:
-its outputs may repeat, with the same ``example_id``, and downstream drops duplicates by it.
-A worker that lost a partition in a rebalance cannot overwrite the new owner's state.
+Two drivers feed the same :class:`~streams.join_worker.JoinWorker` (``[joiner] driver``):
 
-faust does not create source topics: the ``worker`` command runs
-:func:`streams.topics.ensure_topics` before starting.
+* ``"faust"``: a faust-streaming agent over ``stream.take_events`` (:func:`create_app`);
+  faust's consumer commits the offsets of the events the worker reports done.
+* ``"aiokafka"``: an aiokafka consumer-group loop over ``getmany`` (:func:`run_group`)
+  that seeks every newly assigned partition to the offsets stored with its state. faust
+  hands records to its agents one at a time (two asyncio tasks per record in its fetcher),
+  which costs more than the join itself; this driver reads whole fetches.
+
+The ``worker`` command creates missing topics first (faust does not create source topics,
+and stops on a partition-count mismatch) and exits with a clear message on a wrong layout.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import logging
-import math
+import signal
 import sys
-import time
-from collections import Counter
 from typing import Any
 
 import faust
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
-from prometheus_client import Counter as PromCounter
+from prometheus_client import start_http_server
 
-from engine.calibration import NegativeDownsampler
 from engine.config import Settings, load_settings
-from engine.events import AdRequest, EventError, decode_any, encode
-from streams.join import COUNTERS, DeadLetter, Join
-from streams.join_state import JoinStateStore, PartitionState
+from streams.join_state import JoinStateStore
+from streams.join_worker import JoinWorker
+
+REPORT_EVERY_S = 5.0
 
 log = logging.getLogger(__name__)
 
 
-class JoinerMetrics:
-    """Prometheus metrics of one joiner worker, in their own registry."""
-
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.events = PromCounter(
-            "adengine_joiner_events",
-            "Join outcomes by kind (see streams.join)",
-            ["outcome"],
-            registry=r,
-        )
-        for outcome in COUNTERS:
-            self.events.labels(outcome)
-        self.watermark_lag = Gauge(
-            "adengine_joiner_watermark_lag_seconds",
-            "Wall clock minus the event-time watermark, worst owned partition",
-            registry=r,
-        )
-        self.pending = Gauge(
-            "adengine_joiner_pending_impressions", "Impressions waiting for a label", registry=r
-        )
-        self.batch_seconds = Histogram(
-            "adengine_joiner_batch_seconds",
-            "Time to join, publish and commit one batch",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-            registry=r,
-        )
-        self.commits = PromCounter("adengine_joiner_commits", "Partition state commits", registry=r)
-        self.fenced = PromCounter(
-            "adengine_joiner_fenced",
-            "Commits refused because another worker took the partition over",
-            registry=r,
-        )
-        self._exported: Counter[str] = Counter()
-
-    def export_counts(self, counts: Counter[str]) -> None:
-        """Add what ``counts`` gained since the last call to the outcome counter."""
-        for outcome, value in counts.items():
-            delta = value - self._exported[outcome]
-            if delta > 0:
-                self.events.labels(outcome).inc(delta)
-                self._exported[outcome] = value
-
-
-class JoinWorker:
-    """Batches of source events -> join -> outputs, then state, then acks.
-
-    Holds the :class:`PartitionState` of the partitions this worker owns and one
-    :class:`Join` per partition (all sharing ``counts``). ``send(topic, key, value)``
-    returns an awaitable that resolves once the broker has the record.
-    """
-
-    def __init__(self, settings: Settings, store: JoinStateStore, send, assignment) -> None:
-        kafka, cfg = settings.kafka, settings.joiner
-        self.store = store
-        self.send = send
-        self.assignment = assignment  # () -> partitions this worker currently owns
-        self.sources = (kafka.impressions_topic, kafka.engagements_topic)
-        self.examples_topic = kafka.examples_topic
-        self.side_topic = kafka.late_clicks_topic
-        self.dead_topic = kafka.dead_letters_topic
-        self.window_s = cfg.window_s
-        self.grace_s = cfg.out_of_order_grace_s
-        self.rate = settings.calibration.negative_downsampling_rate
-        self.counts: Counter[str] = Counter({name: 0 for name in COUNTERS})
-        self.counts.update(replayed=0, not_owned=0)
-        self.parts: dict[int, PartitionState] = {}
-        self.joins: dict[int, Join] = {}
-        self.metrics = JoinerMetrics()
-
-    def forget(self, partitions) -> None:
-        """Drop the in-memory copy of ``partitions`` (revoked, or refused at commit)."""
-        for p in partitions:
-            self.parts.pop(p, None)
-            self.joins.pop(p, None)
-
-    async def _partition(self, p: int) -> tuple[PartitionState, Join]:
-        part = self.parts.get(p)
-        if part is None:
-            part = await asyncio.to_thread(self.store.load, p)
-            join = Join(
-                part.state,
-                window_s=self.window_s,
-                grace_s=self.grace_s,
-                downsampler=NegativeDownsampler(self.rate),
-            )
-            join.counts = self.counts
-            self.parts[p], self.joins[p] = part, join
-            log.info(
-                "joiner: partition %d loaded (epoch %d, %d keys)", p, part.epoch, len(part.state)
-            )
-        return part, self.joins[p]
-
-    async def process(self, messages: list[Any]) -> list[Any]:
-        """Join one batch of faust messages; returns the messages that may be acknowledged."""
-        started = time.perf_counter()
-        owned = self.assignment()
-        self.forget([p for p in self.parts if p not in owned])
-        outputs: list[tuple[str, bytes | None, bytes]] = []
-        touched: dict[int, list[Any]] = {}
-        for message in messages:
-            p = message.partition
-            if p not in owned:
-                self.counts["not_owned"] += 1  # revoked mid-batch: the new owner joins it
-                continue
-            part, join = await self._partition(p)
-            touched.setdefault(p, []).append(message)
-            if part.applied(message.topic, message.offset):
-                self.counts["replayed"] += 1
-                continue
-            part.offsets[message.topic] = message.offset
-            outputs.extend(self._join_one(message, join))
-        if outputs:
-            pending = [await self.send(topic, key, value) for topic, key, value in outputs]
-            await asyncio.gather(*pending)
-        done: list[Any] = []
-        for p, batch in touched.items():
-            part = self.parts.get(p)
-            if part is None:
-                continue
-            if await asyncio.to_thread(self.store.commit, part):
-                self.metrics.commits.inc()
-                done.extend(batch)
-            else:
-                self.metrics.fenced.inc()
-                log.warning("joiner: partition %d was taken over; dropping this copy", p)
-                self.forget([p])
-        self._observe(time.perf_counter() - started)
-        return done
-
-    def _join_one(self, message: Any, join: Join) -> list[tuple[str, bytes | None, bytes]]:
-        try:
-            record = decode_any(message.value)
-        except EventError as exc:
-            return [self._dead_letter(message, str(exc))]
-        except Exception as exc:  # noqa: BLE001 - bad bytes must never stop the stream
-            return [self._dead_letter(message, f"undecodable: {exc!r}")]
-        if isinstance(record, AdRequest):
-            return [self._dead_letter(message, f"unexpected AdRequest on {message.topic}")]
-        if message.key != record.impression_id.encode():
-            # co-partitioning needs both topics keyed by impression id: a click keyed
-            # otherwise may sit on another worker than its impression (-> orphan)
-            self.counts["misrouted"] += 1
-            log.warning(
-                "%s[%s]@%s keyed %r, not by impression id %r",
-                message.topic,
-                message.partition,
-                message.offset,
-                message.key,
-                record.impression_id,
-            )
-        try:
-            outs = join.process(record, message.partition)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("join failed on %s[%s]", message.topic, message.partition)
-            return [self._dead_letter(message, f"join failed: {exc!r}")]
-        return [
-            (
-                self.examples_topic if out.kind == "example" else self.side_topic,
-                out.key.encode(),
-                encode(out.record),
-            )
-            for out in outs
-        ]
-
-    def _dead_letter(self, message: Any, reason: str) -> tuple[str, bytes | None, bytes]:
-        self.counts["malformed"] += 1
-        log.warning(
-            "dead letter %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason
-        )
-        key = message.key if isinstance(message.key, bytes) else None
-        record = DeadLetter(
-            reason=reason,
-            topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=key,
-            raw=message.value if isinstance(message.value, bytes) else b"",
-        )
-        return self.dead_topic, key, encode(record)
-
-    def _observe(self, seconds: float) -> None:
-        m = self.metrics
-        m.batch_seconds.observe(seconds)
-        m.export_counts(self.counts)
-        m.pending.set(sum(join.pending_count() for join in self.joins.values()))
-        marks = [self.joins[p].watermark(p) for p in self.joins]
-        marks = [w for w in marks if math.isfinite(w)]
-        m.watermark_lag.set(time.time() - min(marks) if marks else 0.0)
-
-
-def create_app(settings: Settings, redis_client=None) -> faust.App:
-    """The joiner app for ``settings`` (also sets ``app.worker``, a :class:`JoinWorker`)."""
-    kafka, cfg = settings.kafka, settings.joiner
+def _check_layout(settings: Settings) -> None:
+    kafka = settings.kafka
     if kafka.impressions_partitions != kafka.engagements_partitions:
         raise ValueError(
             "[kafka] impressions_partitions and engagements_partitions must be equal for the "
             f"join (co-partitioned by impression id); got {kafka.impressions_partitions} and "
             f"{kafka.engagements_partitions}"
         )
+
+
+def _state_store(settings: Settings, redis_client=None) -> JoinStateStore:
+    if redis_client is None:
+        from streams.redis_store import connect
+
+        redis_client = connect(settings)
+    return JoinStateStore(redis_client, f"{settings.joiner.state_prefix}:{settings.joiner.app_id}")
+
+
+def _log_counts(worker: JoinWorker) -> None:
+    log.info("joiner counts %s", json.dumps(dict(worker.counts), sort_keys=True))
+
+
+def _serve_metrics(worker: JoinWorker, port: int) -> None:
+    start_http_server(port, registry=worker.metrics.registry)
+    log.info("metrics on :%d/metrics", port)
+
+
+def create_app(settings: Settings, redis_client=None) -> faust.App:
+    """The faust joiner app for ``settings`` (``app.worker`` is its :class:`JoinWorker`)."""
+    kafka, cfg = settings.kafka, settings.joiner
+    _check_layout(settings)
     bootstrap = kafka.bootstrap_servers.strip() or "localhost:9092"
     brokers = ";".join(f"kafka://{b.strip()}" for b in bootstrap.split(",") if b.strip())
     app = faust.App(
@@ -271,19 +105,13 @@ def create_app(settings: Settings, redis_client=None) -> faust.App:
         kafka.impressions_topic, kafka.engagements_topic, **raw, value_serializer="raw"
     )
 
-    if redis_client is None:
-        from streams.redis_store import connect
-
-        redis_client = connect(settings)
-    store = JoinStateStore(redis_client, f"{cfg.state_prefix}:{cfg.app_id}")
-
     def assignment() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic in worker.sources}
 
     async def send(topic: str, key: bytes | None, value: bytes):
         return await app.producer.send(topic, key, value, None, None, None)
 
-    worker = JoinWorker(settings, store, send, assignment)
+    worker = JoinWorker(settings, _state_store(settings, redis_client), send, assignment)
     app.worker = worker  # type: ignore[attr-defined]
 
     @app.on_partitions_revoked.connect
@@ -302,18 +130,119 @@ def create_app(settings: Settings, redis_client=None) -> faust.App:
             for message in done:
                 message.ack(app.consumer)
 
-    @app.timer(5.0)
+    @app.timer(REPORT_EVERY_S)
     async def _report() -> None:
-        log.info("joiner counts %s", json.dumps(dict(worker.counts), sort_keys=True))
+        _log_counts(worker)
 
     if cfg.metrics_port > 0:
 
         @app.task
         async def _metrics() -> None:
-            start_http_server(cfg.metrics_port, registry=worker.metrics.registry)
-            log.info("metrics on :%d/metrics", cfg.metrics_port)
+            _serve_metrics(worker, cfg.metrics_port)
 
     return app
+
+
+async def run_group(settings: Settings, redis_client=None, stop: asyncio.Event | None = None):
+    """The aiokafka driver: join batches until ``stop`` is set (or SIGTERM/SIGINT)."""
+    from aiokafka import (
+        AIOKafkaConsumer,
+        AIOKafkaProducer,
+        ConsumerRebalanceListener,
+        TopicPartition,
+    )
+    from aiokafka.errors import KafkaError
+
+    kafka, cfg = settings.kafka, settings.joiner
+    _check_layout(settings)
+    stop = stop or asyncio.Event()
+    bootstrap = kafka.bootstrap_servers.strip()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=cfg.app_id,
+        client_id=cfg.app_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=int(cfg.session_timeout_s * 1000),
+        heartbeat_interval_ms=int(cfg.heartbeat_interval_s * 1000),
+        rebalance_timeout_ms=int(cfg.session_timeout_s * 1000),
+        max_poll_records=cfg.batch_size,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+
+    def assignment() -> set[int]:
+        return {tp.partition for tp in consumer.assignment()}
+
+    def send(topic: str, key: bytes | None, value: bytes):
+        return producer.send(topic, value, key=key)
+
+    worker = JoinWorker(settings, _state_store(settings, redis_client), send, assignment)
+
+    class Rebalance(ConsumerRebalanceListener):
+        async def on_partitions_revoked(self, revoked) -> None:
+            worker.forget({tp.partition for tp in revoked})
+
+        async def on_partitions_assigned(self, assigned) -> None:
+            # take each partition over and start right after the offsets its state holds
+            for tp in sorted(assigned):
+                part, _ = await worker.partition(tp.partition)
+                if tp.topic in part.offsets:
+                    consumer.seek(tp, part.offsets[tp.topic] + 1)
+            log.info(
+                "joiner: assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
+            )
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if cfg.metrics_port > 0:
+        _serve_metrics(worker, cfg.metrics_port)
+    await producer.start()
+    consumer.subscribe([kafka.impressions_topic, kafka.engagements_topic], listener=Rebalance())
+    await consumer.start()
+    last_report = loop.time()
+    try:
+        while not stop.is_set():
+            fetched = await consumer.getmany(
+                timeout_ms=int(cfg.batch_max_wait_s * 1000), max_records=cfg.batch_size
+            )
+            records = [record for batch in fetched.values() for record in batch]
+            if records:
+                done = await worker.process(records)
+                offsets: dict = {}
+                for record in done:
+                    tp = (record.topic, record.partition)
+                    offsets[tp] = max(offsets.get(tp, -1), record.offset + 1)
+                if offsets:
+                    # for lag monitoring only: on assignment the state's offsets win
+                    try:
+                        await consumer.commit(
+                            {TopicPartition(t, p): o for (t, p), o in offsets.items()}
+                        )
+                    except KafkaError as exc:
+                        log.info("joiner: offset commit skipped (%r); state holds them", exc)
+            if loop.time() - last_report >= REPORT_EVERY_S:
+                last_report = loop.time()
+                _log_counts(worker)
+    finally:
+        _log_counts(worker)
+        await consumer.stop()
+        await producer.stop()
+    return worker
+
+
+def _run_group_cli(settings: Settings, argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m streams.joiner")
+    parser.add_argument("command", choices=["worker"])
+    parser.add_argument("-l", "--loglevel", default="warning")
+    parser.add_argument("--without-web", action="store_true", help="accepted, as for faust")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.loglevel.upper(),
+        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s",
+    )
+    asyncio.run(run_group(settings))
 
 
 def main() -> None:
@@ -323,16 +252,22 @@ def main() -> None:
             "streams.joiner needs a broker: set KAFKA_BOOTSTRAP_SERVERS or "
             "[kafka] bootstrap_servers (start one with `adengine broker`)"
         )
+    if settings.joiner.driver not in ("faust", "aiokafka"):
+        sys.exit(
+            "streams.joiner: [joiner] driver must be faust or aiokafka, "
+            f"not {settings.joiner.driver!r}"
+        )
     if "worker" in sys.argv[1:]:
-        # faust does not create source topics, and stops on a partition-count mismatch:
-        # create what is missing and fail with a clear message on a wrong layout
         from streams.topics import TopicError, ensure_topics
 
         try:
             ensure_topics(settings.kafka.bootstrap_servers.strip(), settings)
         except TopicError as exc:
             sys.exit(f"streams.joiner: {exc}")
-    create_app(settings).main()
+    if settings.joiner.driver == "aiokafka":
+        _run_group_cli(settings, sys.argv[1:])
+    else:
+        create_app(settings).main()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from streams.topics import ensure_topics
 REPO = Path(__file__).resolve().parents[1]
 WINDOW, GRACE, RATE = 100.0, 10.0, 0.5
 PARTITIONS = 4
+DRIVERS = ("faust", "aiokafka")  # [joiner] driver: both feed the same JoinWorker
 pytestmark = pytest.mark.filterwarnings(r"ignore:(read|open)_text is deprecated:DeprecationWarning")
 
 
@@ -170,8 +171,9 @@ async def collect(bootstrap: str, topics: list[str], done, timeout: float) -> di
     return records
 
 
-def start(broker, redis_url, tag: str):
-    env = scenario_env(broker, tag, redis_url)
+def start(broker, redis_url, tag: str, driver: str = "faust"):
+    env = scenario_env(broker, f"{tag}-{driver}", redis_url)
+    env["ADENGINE_JOINER_DRIVER"] = driver
     settings = load_settings(env=env)
     ensure_topics(broker.bootstrap_servers, settings)
     return env, settings
@@ -209,9 +211,10 @@ def test_worker_refuses_topics_with_the_wrong_partition_count(broker, redis_url)
     assert "4 partitions, settings say 8" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_join_end_to_end(broker, redis_url, tmp_path):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_join_end_to_end(broker, redis_url, tmp_path, driver):
     """N impressions + M clicks and every special case through one worker."""
-    env, settings = start(broker, redis_url, "e2e")
+    env, settings = start(broker, redis_url, "e2e", driver)
     rng = random.Random(5)
     n = 60
     clicked = sorted(rng.sample(range(n), 15))
@@ -345,8 +348,11 @@ def _check_exactly_once(messages, positives, negatives):
     assert {k for k, v in labels.items() if v == {0}} == negatives
 
 
-def test_kill_9_mid_stream_then_restart_labels_every_impression_once(broker, redis_url, tmp_path):
-    env, settings = start(broker, redis_url, "crash")
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_kill_9_mid_stream_then_restart_labels_every_impression_once(
+    broker, redis_url, tmp_path, driver
+):
+    env, settings = start(broker, redis_url, "crash", driver)
     items, positives, negatives = _labelled_stream(400, seed=8)
     expected = len(positives) + len(negatives)
     topic = settings.kafka.examples_topic
@@ -384,9 +390,12 @@ def _last_assignment(log: str) -> str:
     return block[1].split("for group", 1)[0] if len(block) == 2 else ""
 
 
-def test_two_workers_in_one_group_give_the_same_examples_as_one(broker, redis_url, tmp_path):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_two_workers_in_one_group_give_the_same_examples_as_one(
+    broker, redis_url, tmp_path, driver
+):
     """A second worker joins mid-stream: partitions and their table state move over."""
-    env, settings = start(broker, redis_url, "scale")
+    env, settings = start(broker, redis_url, "scale", driver)
     items, positives, negatives = _labelled_stream(300, seed=21)
     expected = len(positives) + len(negatives)
     topic = settings.kafka.examples_topic

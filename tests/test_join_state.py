@@ -125,10 +125,10 @@ def test_commit_then_load_round_trips_state_and_offsets(client):
     part.state["i:x"] = b"\x00\xffbytes"
     part.state["w:3"] = b"mark"
     part.offsets.update({IMPS: 41, ENGS: 7})
-    assert store.commit(part)
+    assert store.commit(part.take_changes())
     del part.state["w:3"]
     part.offsets[IMPS] = 42
-    assert store.commit(part)
+    assert store.commit(part.take_changes())
     again = store.load(3)
     assert dict(again.state) == {"i:x": b"\x00\xffbytes"}
     assert again.offsets == {IMPS: 42, ENGS: 7}
@@ -142,10 +142,10 @@ def test_a_worker_that_lost_the_partition_cannot_overwrite_the_new_owner(client)
     new = store.load(0)  # another worker took the partition over
     old.state["i:a"] = b"stale"
     old.offsets[IMPS] = 99
-    assert not store.commit(old)
+    assert not store.commit(old.take_changes())
     new.state["i:b"] = b"fresh"
     new.offsets[IMPS] = 5
-    assert store.commit(new)
+    assert store.commit(new.take_changes())
     assert dict(store.load(0).state) == {"i:b": b"fresh"}
     assert store.load(0).offsets == {IMPS: 5}
 

@@ -79,6 +79,7 @@ from auction.campaigns import (
     ForbiddenError,
     NotFoundError,
 )
+from auction.metrics import ServingMetrics
 from auction.serving import AdResponse, AdServer
 from engine.events import AdRequest, Engagement, Impression, encode
 
@@ -334,6 +335,7 @@ def create_app(
         ["method", "route"],
         registry=registry,
     )
+    serving_metrics = ServingMetrics(registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -600,6 +602,7 @@ def create_app(
                 },
             )
         response = await run_in_threadpool(ad_server.serve, ad_request, serve_rng)
+        serving_metrics.observe(ad_request.slots, response)
         return Response(msgspec.json.encode(_response_out(response)), media_type="application/json")
 
     @app.post(

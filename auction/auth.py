@@ -92,7 +92,9 @@ class KeyInfo:
 
 
 @dataclass(frozen=True)
-class _KeyRecord:
+class KeyRecord:
+    """One issued key as stored: its id, owner, scrypt salt and digest, never the secret."""
+
     key_id: str
     advertiser_id: str
     salt: bytes
@@ -102,7 +104,8 @@ class _KeyRecord:
     revoked: bool = False
 
 
-def _scrypt(secret: str, salt: bytes, cost: int) -> bytes:
+def scrypt_digest(secret: str, salt: bytes, cost: int) -> bytes:
+    """The scrypt digest of ``secret`` with ``salt`` and cost ``N``."""
     return hashlib.scrypt(
         secret.encode(), salt=salt, n=cost, r=_R, p=_P, dklen=_DKLEN, maxmem=2**26
     )
@@ -116,7 +119,7 @@ def hash_key(raw_key: str, cost: int = DEFAULT_COST) -> str:
     (True, False)
     """
     salt = secrets.token_bytes(16)
-    return f"scrypt${cost}${salt.hex()}${_scrypt(raw_key, salt, cost).hex()}"
+    return f"scrypt${cost}${salt.hex()}${scrypt_digest(raw_key, salt, cost).hex()}"
 
 
 def verify_key(raw_key: str, encoded: str) -> bool:
@@ -128,7 +131,7 @@ def verify_key(raw_key: str, encoded: str) -> bool:
         expected, salt_bytes, n = bytes.fromhex(digest), bytes.fromhex(salt), int(cost)
     except ValueError as exc:
         raise ValueError("malformed key hash: expected 'scrypt$<N>$<salt>$<hash>'") from exc
-    return hmac.compare_digest(_scrypt(raw_key, salt_bytes, n), expected)
+    return hmac.compare_digest(scrypt_digest(raw_key, salt_bytes, n), expected)
 
 
 def _parse(raw_key: str) -> tuple[str, str] | None:
@@ -171,9 +174,9 @@ class KeyStore:
             verify_key("", operator_key_hash)  # fail fast on a malformed setting
         self._operator_hash = operator_key_hash or None
         self._cost = cost
-        self._keys: dict[str, _KeyRecord] = {}
+        self._keys: dict[str, KeyRecord] = {}
         self._lock = threading.Lock()
-        self._dummy = _KeyRecord("", "", secrets.token_bytes(16), b"\0" * _DKLEN, cost, 0.0)
+        self._dummy = KeyRecord("", "", secrets.token_bytes(16), b"\0" * _DKLEN, cost, 0.0)
 
     def issue(self, advertiser_id: str) -> IssuedKey:
         """Create a key for ``advertiser_id``; the returned ``raw_key`` is not kept."""
@@ -181,12 +184,12 @@ class KeyStore:
             raise ValueError("advertiser_id must be non-empty")
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
-        digest = _scrypt(secret, salt, self._cost)
+        digest = scrypt_digest(secret, salt, self._cost)
         with self._lock:
             key_id = secrets.token_hex(8)
             while key_id in self._keys:
                 key_id = secrets.token_hex(8)
-            self._keys[key_id] = _KeyRecord(
+            self._keys[key_id] = KeyRecord(
                 key_id, advertiser_id, salt, digest, self._cost, time.time()
             )
         return IssuedKey(key_id, advertiser_id, f"{KEY_PREFIX}{key_id}.{secret}")
@@ -199,7 +202,7 @@ class KeyStore:
                 advertiser_id is not None and record.advertiser_id != advertiser_id
             ):
                 return False
-            self._keys[key_id] = _KeyRecord(**{**record.__dict__, "revoked": True})
+            self._keys[key_id] = KeyRecord(**{**record.__dict__, "revoked": True})
             return True
 
     def revoke_all(self, advertiser_id: str) -> int:
@@ -236,7 +239,7 @@ class KeyStore:
             record = self._keys.get(key_id)
             found = record is not None
             record = record if found else self._dummy
-            ok = hmac.compare_digest(_scrypt(secret, record.salt, record.cost), record.digest)
+            ok = hmac.compare_digest(scrypt_digest(secret, record.salt, record.cost), record.digest)
             if not (found and ok and not record.revoked):
                 return None
             return self._remember(cache_key, key_id, Principal(record.advertiser_id))

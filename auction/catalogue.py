@@ -54,7 +54,7 @@ from typing import Any
 
 import msgspec
 
-from auction.auth import DEFAULT_COST, KEY_PREFIX, IssuedKey, KeyStore, _KeyRecord, _scrypt
+from auction.auth import DEFAULT_COST, KEY_PREFIX, IssuedKey, KeyRecord, KeyStore, scrypt_digest
 from auction.campaigns import (
     Advertiser,
     CampaignService,
@@ -166,7 +166,7 @@ class ReplicatedKeyStore(KeyStore):
             key_id=key_id,
             advertiser_id=advertiser_id,
             salt=salt.hex(),
-            digest=_scrypt(secret, salt, self._cost).hex(),
+            digest=scrypt_digest(secret, salt, self._cost).hex(),
             cost=self._cost,
             created_ts=time.time(),
         )
@@ -197,7 +197,7 @@ class ReplicatedKeyStore(KeyStore):
             if record is None:
                 self._keys.pop(key_id, None)
                 return
-            self._keys[key_id] = _KeyRecord(
+            self._keys[key_id] = KeyRecord(
                 key_id,
                 record.advertiser_id,
                 bytes.fromhex(record.salt),

@@ -6,7 +6,7 @@ An existing topic with a *different* partition count is an error naming the topi
 partition routing (and faust, which stops with ``PartitionsMismatch`` when a source topic
 and its table changelog disagree) depends on the count, so it is never silently changed.
 
-The campaigns topic is created with ``cleanup.policy=compact`` (latest record per campaign
+The campaigns topic is created with ``cleanup.policy=compact`` (latest record per catalogue
 id). tansu, the embedded broker, accepts and reports that config; a broker that rejects it
 gets the topic without it and a warning in the log.
 

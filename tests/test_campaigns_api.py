@@ -433,8 +433,8 @@ def test_keystore_hashing_cache_and_revocation(monkeypatch):
     from auction import auth
 
     calls = []
-    real = auth._scrypt
-    monkeypatch.setattr(auth, "_scrypt", lambda *a: calls.append(1) or real(*a))
+    real = auth.scrypt_digest
+    monkeypatch.setattr(auth, "scrypt_digest", lambda *a: calls.append(1) or real(*a))
     now = [0.0]
     store = KeyStore(hash_key(OPERATOR_KEY, cost=COST), cost=COST, cache_ttl_s=10,
                      clock=lambda: now[0])  # fmt: skip

@@ -665,7 +665,8 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
     ``[auction] model_poll_s``; prior CTR until one exists), ``POST /v1/events`` writing to
     Kafka when ``[kafka] bootstrap_servers`` (or ``KAFKA_BOOTSTRAP_SERVERS``) names a
     cluster, and the ``[auction]`` parameters
-    (exploration included, see :mod:`auction.exploration`).
+    (exploration included, see :mod:`auction.exploration`; budget pacing, see
+    :mod:`auction.pacer`).
     """
     from auction.exploration import Exploration
     from auction.serving import AdServer, subscriber_source
@@ -695,6 +696,12 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
         day = budget_day(time.time(), auction.budget_utc_offset_hours)
         return ledger.remaining(campaign_id, day)
 
+    pacer = None
+    if auction.pacing:  # throttles from spend in Redis, the same on every replica
+        from auction.pacer import Pacer, active_campaigns
+
+        pacer = Pacer.from_settings(ledger, active_campaigns(service), auction).start()
+
     ad_server = AdServer(
         service,
         subscriber_source(subscriber),
@@ -704,6 +711,7 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
         reserve_cpc=auction.reserve_cpc,
         reserve_cpm=auction.reserve_cpm,
         remaining_budget=remaining,
+        throttle=None if pacer is None else pacer.throttle,
         exploration=Exploration.from_settings(auction),
     )
     app = create_app(
@@ -719,4 +727,5 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
     )
     app.state.model_subscriber = subscriber  # stop() it to end the polling thread
     app.state.catalogue = catalogue  # stop() it to end the topic reader (None: in memory)
+    app.state.pacer = pacer  # stop() it to end the pacing thread (None: pacing off)
     return app

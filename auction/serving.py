@@ -42,7 +42,8 @@ on its impressions. :meth:`AdServer.serve` never raises for a model problem.
 
 Each served ad carries a ready :class:`~engine.events.Impression` event (impression id
 a fresh ``uuid4().hex``, price in the ad's pricing unit, 0-based position, pCTR,
-model version and scored features) for the caller to publish. Its pCTR is the model's
+model version and scored features, and the pricing and bid that billing charges against)
+for the caller to publish. Its pCTR is the model's
 calibrated pCTR, also when exploration ranked the ad on another score.
 """
 
@@ -393,6 +394,8 @@ class AdServer:
                 exploration=exploring,
                 pctr=p,
                 features=features,
+                pricing=cand.campaign.pricing,
+                bid=cand.campaign.bid,
             )
             served.append(
                 ServedAd(

@@ -142,6 +142,8 @@ def _serve(args: argparse.Namespace) -> int:
         app.state.model_subscriber.stop()
         if app.state.catalogue is not None:
             app.state.catalogue.stop()
+        if getattr(app.state, "pacer", None) is not None:
+            app.state.pacer.stop()
         if not settings.redis.url:
             close_embedded(settings.redis.embedded_path)
     return 0

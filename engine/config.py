@@ -191,6 +191,26 @@ class AuctionSettings:
     exploration_prior_impressions: float = 20.0
     new_ad_boost: float = 1.5
     new_ad_impressions: int = 500
+    pacing: bool = True
+    pacing_interval_s: float = 10.0
+    pacing_kp: float = 40.0
+    pacing_ki: float = 120.0
+    pacing_kd: float = 0.0
+    pacing_traffic_profile: tuple[float, ...] = ()
+    pacing_prefix: str = "adengine:pacing:"
+
+
+@dataclass(frozen=True)
+class BillingSettings:
+    """The billing worker: billable events from the event topics -> Redis budget charges."""
+
+    app_id: str = "adengine-billing"
+    batch_size: int = 500
+    batch_max_wait_s: float = 0.2
+    session_timeout_s: float = 6.0
+    heartbeat_interval_s: float = 1.0
+    state_prefix: str = "adengine:billing:"
+    metrics_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +226,7 @@ class Settings:
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     auction: AuctionSettings = field(default_factory=AuctionSettings)
+    billing: BillingSettings = field(default_factory=BillingSettings)
 
 
 class ConfigError(ValueError):

@@ -160,6 +160,9 @@ class Impression(_Tagged, frozen=True, kw_only=True):
     exploration: bool
     pctr: Probability
     features: ScoredFeatures
+    # What billing charges against (auction.billing); optional so older events decode.
+    pricing: Literal["cpc", "cpm"] | None = None  # the ad's pricing: price is per click or mille
+    bid: PosFloat | None = None  # the campaign's bid in that unit: the largest possible price
 
 
 class Engagement(_Tagged, frozen=True, kw_only=True):

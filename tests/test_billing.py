@@ -13,8 +13,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -43,7 +41,6 @@ from engine.events import (
     AdRequest,
     Engagement,
     Impression,
-    ScoredFeatures,
     UserProfile,
     decode,
     encode,
@@ -52,6 +49,7 @@ from streams import redis_store
 from streams.broker import EmbeddedBroker, free_port
 from streams.join import DeadLetter
 from streams.topics import ensure_topics
+from tests.support import ChildProcess, engagement, impression
 
 REPO = Path(__file__).resolve().parents[1]
 PARTITIONS = 4
@@ -128,40 +126,13 @@ class Scenario:
         return [decode(r.value, DeadLetter) for r in records]
 
 
-class Worker:
+class Worker(ChildProcess):
     """``python -m auction.billing`` as a child process logging to a file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, metrics_port: int = 0) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in kill()
         env = {**env, "ADENGINE_BILLING_METRICS_PORT": str(metrics_port)}
         self.metrics_port = metrics_port
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "auction.billing", "-l", "info"],
-            cwd=REPO,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log_path.read_bytes()[-n:].decode(errors="replace")
-
-    def assignment(self) -> str:
-        """The partitions of the worker's latest assignment, as logged."""
-        block = self.tail(400_000).rsplit("Setting newly assigned partitions", 1)
-        return block[1].split("for group", 1)[0] if len(block) == 2 else ""
+        super().__init__(["-m", "auction.billing", "-l", "info"], env, log_path)
 
     def counts(self) -> dict[str, int]:
         """The worker's last logged counts (a stopped worker logs its final ones)."""
@@ -189,16 +160,13 @@ def wait(predicate, timeout: float, workers=()) -> None:
 
 
 def imp(iid, campaign, price, pricing="cpc", bid=1.0, ts=TS) -> Impression:
-    return Impression(
-        impression_id=iid, request_id="r-" + iid, ts=ts, ad_id="ad", campaign_id=campaign,
-        advertiser_id="adv", position=0, price=price, model_version="m1", exploration=False,
-        pctr=0.05, features=ScoredFeatures(indices=[1], values=[1.0], dense=[0.5]),
-        pricing=pricing, bid=bid,
-    )  # fmt: skip
+    return impression(
+        iid, ts, campaign_id=campaign, advertiser_id="adv", price=price, pricing=pricing, bid=bid
+    )
 
 
 def click(eid, iid, ts=TS + 5.0, kind="click") -> Engagement:
-    return Engagement(engagement_id=eid, impression_id=iid, ts=ts, kind=kind)
+    return engagement(eid, iid, ts, kind)
 
 
 async def _produce(bootstrap, settings, items) -> None:

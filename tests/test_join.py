@@ -9,29 +9,22 @@ from hypothesis import strategies as st
 from engine.calibration import NegativeDownsampler
 from engine.events import Engagement, Impression, ScoredFeatures, decode, encode
 from streams.join import Join, SideClick, join_events
+from tests.support import engagement, impression
 
 WINDOW, GRACE = 100.0, 10.0
 
 
 def imp(iid: str, ts: float) -> Impression:
-    return Impression(
-        impression_id=iid,
-        request_id="r-" + iid,
-        ts=ts,
-        ad_id="ad",
-        campaign_id="c",
-        advertiser_id="a",
-        position=0,
-        price=0.1,
+    return impression(
+        iid,
+        ts,
         model_version="m7",
-        exploration=False,
         pctr=0.05,
         features=ScoredFeatures(indices=[1, len(iid)], values=[1.0, 0.5], dense=[0.25]),
     )
 
 
-def click(eid: str, iid: str, ts: float, kind: str = "click") -> Engagement:
-    return Engagement(engagement_id=eid, impression_id=iid, ts=ts, kind=kind)
+click = engagement
 
 
 def ticks(ts: float, part: int = 0) -> list[tuple[int, object]]:

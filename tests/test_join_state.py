@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import pytest
 
 from engine.config import load_settings
-from engine.events import Engagement, Impression, ScoredFeatures, TrainingExample, decode, encode
+from engine.events import TrainingExample, decode, encode
 from streams import redis_store
 from streams.join_state import ChangeTrackingDict, JoinStateStore
 from streams.join_worker import JoinWorker
+from tests.support import engagement, impression
 
 IMPS, ENGS = "t.impressions", "t.engagements"
 
@@ -34,26 +35,11 @@ class Record:
 
 
 def imp(iid: str, ts: float) -> bytes:
-    return encode(
-        Impression(
-            impression_id=iid,
-            request_id="r",
-            ts=ts,
-            ad_id="ad",
-            campaign_id="c",
-            advertiser_id="a",
-            position=0,
-            price=0.1,
-            model_version="m1",
-            exploration=False,
-            pctr=0.1,
-            features=ScoredFeatures(indices=[1], values=[1.0], dense=[0.5]),
-        )
-    )
+    return encode(impression(iid, ts))
 
 
 def eng(eid: str, iid: str, ts: float, kind: str = "click") -> bytes:
-    return encode(Engagement(engagement_id=eid, impression_id=iid, ts=ts, kind=kind))
+    return encode(engagement(eid, iid, ts, kind))
 
 
 def stream(n: int) -> list[Record]:

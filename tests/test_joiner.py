@@ -19,11 +19,12 @@ import pytest
 
 from engine.calibration import NegativeDownsampler
 from engine.config import load_settings
-from engine.events import Engagement, Impression, ScoredFeatures, TrainingExample, decode, encode
+from engine.events import TrainingExample, decode, encode
 from streams import redis_store
 from streams.broker import EmbeddedBroker
 from streams.join import DeadLetter, SideClick
 from streams.topics import ensure_topics
+from tests.support import ChildProcess, engagement, impression
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW, GRACE, RATE = 100.0, 10.0, 0.5
@@ -70,54 +71,16 @@ def scenario_env(broker, tag: str, redis_url: str = "") -> dict[str, str]:
     return env
 
 
-class Worker:
+class Worker(ChildProcess):
     """``python -m streams.joiner worker`` as a child process logging to a file."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.joiner", "worker", "-l", "info", "--without-web"],
-            cwd=REPO,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        super().__init__(
+            ["-m", "streams.joiner", "worker", "-l", "info", "--without-web"], env, log_path
         )
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
-    def tail(self, n: int = 4000) -> str:
-        return self.log_path.read_bytes()[-n:].decode(errors="replace")
-
-
-def imp(iid: str, ts: float) -> Impression:
-    return Impression(
-        impression_id=iid,
-        request_id="r-" + iid,
-        ts=ts,
-        ad_id="ad",
-        campaign_id="c",
-        advertiser_id="a",
-        position=0,
-        price=0.1,
-        model_version="m1",
-        exploration=False,
-        pctr=0.1,
-        features=ScoredFeatures(indices=[1, 2], values=[1.0, 1.0], dense=[0.5]),
-    )
-
-
-def eng(eid: str, iid: str, ts: float, kind: str = "click") -> Engagement:
-    return Engagement(engagement_id=eid, impression_id=iid, ts=ts, kind=kind)
+imp, eng = impression, engagement
 
 
 async def produce(bootstrap: str, settings, items) -> None:
@@ -385,11 +348,6 @@ def test_kill_9_mid_stream_then_restart_labels_every_impression_once(
     )
 
 
-def _last_assignment(log: str) -> str:
-    block = log.rsplit("Setting newly assigned partitions", 1)
-    return block[1].split("for group", 1)[0] if len(block) == 2 else ""
-
-
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_two_workers_in_one_group_give_the_same_examples_as_one(
     broker, redis_url, tmp_path, driver
@@ -413,7 +371,7 @@ def test_two_workers_in_one_group_give_the_same_examples_as_one(
         assert len(seen[topic]) >= 20, workers[0].tail()
         workers.append(Worker(env, tmp_path / "worker2.log"))
         deadline = time.monotonic() + 30
-        while settings.kafka.impressions_topic not in _last_assignment(workers[1].tail(400_000)):
+        while settings.kafka.impressions_topic not in workers[1].assignment():
             assert time.monotonic() < deadline, workers[1].tail()
             time.sleep(0.2)
         asyncio.run(produce(broker.bootstrap_servers, settings, items[half:] + ticks(5000.0)))
@@ -424,5 +382,5 @@ def test_two_workers_in_one_group_give_the_same_examples_as_one(
     assert done(records), workers[0].tail() + workers[1].tail()
     _check_exactly_once(records[topic], positives, negatives)
     source = settings.kafka.impressions_topic
-    owners = [_last_assignment(w.tail(400_000)) for w in workers]
+    owners = [w.assignment() for w in workers]
     assert all(source in owned for owned in owners), owners  # both held partitions at the end

@@ -49,10 +49,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
-import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,7 +58,7 @@ from typing import Any
 
 import msgspec
 import redis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client import Counter as PromCounter
@@ -69,6 +67,7 @@ from auction.auction import PER_MILLE
 from auction.budget import BudgetLedger, budget_day
 from engine.config import Settings, load_settings
 from engine.events import Engagement, EventError, Impression, ScoredFeatures, decode_any, encode
+from streams.group import group_consumer, stop_on_signals
 from streams.join import DeadLetter
 
 __all__ = [
@@ -429,22 +428,10 @@ async def run_group(settings: Settings, redis_client=None, stop: asyncio.Event |
         redis_client = connect(settings)
     biller = Biller.from_settings(settings, redis_client)
     bootstrap = kafka.bootstrap_servers.strip()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=cfg.app_id,
-        client_id=cfg.app_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=int(cfg.session_timeout_s * 1000),
-        heartbeat_interval_ms=int(cfg.heartbeat_interval_s * 1000),
-        rebalance_timeout_ms=int(cfg.session_timeout_s * 1000),
-        max_poll_records=cfg.batch_size,
-    )
+    consumer = group_consumer(bootstrap, cfg)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     if cfg.metrics_port > 0:
         start_http_server(cfg.metrics_port, registry=biller.metrics.registry)
         log.info("billing metrics on :%d/metrics", cfg.metrics_port)

@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -46,6 +44,7 @@ import faust
 from prometheus_client import start_http_server
 
 from engine.config import Settings, load_settings
+from streams.group import group_consumer, stop_on_signals
 from streams.join_state import JoinStateStore
 from streams.join_worker import JoinWorker
 
@@ -146,7 +145,6 @@ def create_app(settings: Settings, redis_client=None) -> faust.App:
 async def run_group(settings: Settings, redis_client=None, stop: asyncio.Event | None = None):
     """The aiokafka driver: join batches until ``stop`` is set (or SIGTERM/SIGINT)."""
     from aiokafka import (
-        AIOKafkaConsumer,
         AIOKafkaProducer,
         ConsumerRebalanceListener,
         TopicPartition,
@@ -157,17 +155,7 @@ async def run_group(settings: Settings, redis_client=None, stop: asyncio.Event |
     _check_layout(settings)
     stop = stop or asyncio.Event()
     bootstrap = kafka.bootstrap_servers.strip()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=cfg.app_id,
-        client_id=cfg.app_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=int(cfg.session_timeout_s * 1000),
-        heartbeat_interval_ms=int(cfg.heartbeat_interval_s * 1000),
-        rebalance_timeout_ms=int(cfg.session_timeout_s * 1000),
-        max_poll_records=cfg.batch_size,
-    )
+    consumer = group_consumer(bootstrap, cfg)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
 
     def assignment() -> set[int]:
@@ -214,9 +202,7 @@ async def run_group(settings: Settings, redis_client=None, stop: asyncio.Event |
             )
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     if cfg.metrics_port > 0:
         _serve_metrics(worker, cfg.metrics_port)
     await producer.start()

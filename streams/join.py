@@ -180,6 +180,7 @@ class Join:
         self.counts: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self._heaps: dict[int, list[tuple[float, str, str]]] = {}
         self._pending: dict[int, int] = {}  # per indexed partition
+        self._marks: dict[int, _Mark] = {}  # decoded watermarks (the store has them too)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -201,14 +202,16 @@ class Join:
         return min(mark.imp, mark.eng)
 
     def forget_partitions(self, partitions: Iterable[int] | None = None) -> None:
-        """Drop the in-memory expiry index (all partitions by default)."""
+        """Drop the in-memory expiry index and watermarks (all partitions by default)."""
         if partitions is None:
             self._heaps.clear()
             self._pending.clear()
+            self._marks.clear()
         else:
             for p in partitions:
                 self._heaps.pop(p, None)
                 self._pending.pop(p, None)
+                self._marks.pop(p, None)
 
     def pending_count(self) -> int:
         """Impressions waiting for a label in the partitions seen since the last
@@ -297,8 +300,11 @@ class Join:
     # -- event time -------------------------------------------------------------------------
 
     def _mark(self, part: int) -> _Mark:
-        raw = self.store.get(f"w:{part}")
-        return _MARK.decode(raw) if raw is not None else _Mark()
+        mark = self._marks.get(part)
+        if mark is None:  # kept decoded: it changes with almost every event
+            raw = self.store.get(f"w:{part}")
+            mark = self._marks[part] = _MARK.decode(raw) if raw is not None else _Mark()
+        return mark
 
     def _advance(self, event, part: int, heap, out: list[Output]) -> None:
         mark = self._mark(part)

@@ -96,18 +96,19 @@ class JoinWorker:
     """Batches of source events -> join -> outputs, then state, then acks.
 
     Holds the :class:`PartitionState` of the partitions this worker owns and one
-    :class:`Join` per partition (all sharing ``counts``). ``await send(topic, key, value)``
-    returns a future that resolves once the broker has the record.
+    :class:`Join` per partition (all sharing ``counts``). ``await publish(records)`` hands
+    ``(topic, key, value)`` records to the producer and returns awaitables that resolve
+    once the broker has them all.
 
     :meth:`process` is :meth:`join` then :meth:`finish`. A driver may instead run
     :meth:`finish` of one batch while it fetches and joins the next, provided it finishes
     batches one at a time and in order.
     """
 
-    def __init__(self, settings: Settings, store: JoinStateStore, send, assignment) -> None:
+    def __init__(self, settings: Settings, store: JoinStateStore, publish, assignment) -> None:
         kafka, cfg = settings.kafka, settings.joiner
         self.store = store
-        self.send = send
+        self.publish = publish
         self.assignment = assignment  # () -> partitions this worker currently owns
         self.sources = (kafka.impressions_topic, kafka.engagements_topic)
         self.examples_topic = kafka.examples_topic
@@ -169,7 +170,7 @@ class JoinWorker:
                 continue
             part.offsets[message.topic] = message.offset
             outputs.extend(self._join_one(message, join))
-        sent = [await self.send(topic, key, value) for topic, key, value in outputs]
+        sent = await self.publish(outputs) if outputs else []
         changes = [self.parts[p].take_changes() for p in touched if p in self.parts]
         return JoinedBatch(touched, sent, changes, started)
 

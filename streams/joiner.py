@@ -44,7 +44,7 @@ import faust
 from prometheus_client import start_http_server
 
 from engine.config import Settings, load_settings
-from streams.group import group_consumer, stop_on_signals
+from streams.group import PRODUCE_BATCH_BYTES, BatchPublisher, group_consumer, stop_on_signals
 from streams.join_state import JoinStateStore
 from streams.join_worker import JoinWorker
 
@@ -107,10 +107,10 @@ def create_app(settings: Settings, redis_client=None) -> faust.App:
     def assignment() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic in worker.sources}
 
-    async def send(topic: str, key: bytes | None, value: bytes):
-        return await app.producer.send(topic, key, value, None, None, None)
+    async def publish(records):
+        return [await app.producer.send(t, k, v, None, None, None) for t, k, v in records]
 
-    worker = JoinWorker(settings, _state_store(settings, redis_client), send, assignment)
+    worker = JoinWorker(settings, _state_store(settings, redis_client), publish, assignment)
     app.worker = worker  # type: ignore[attr-defined]
 
     @app.on_partitions_revoked.connect
@@ -156,15 +156,15 @@ async def run_group(settings: Settings, redis_client=None, stop: asyncio.Event |
     stop = stop or asyncio.Event()
     bootstrap = kafka.bootstrap_servers.strip()
     consumer = group_consumer(bootstrap, cfg)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=PRODUCE_BATCH_BYTES
+    )
 
     def assignment() -> set[int]:
         return {tp.partition for tp in consumer.assignment()}
 
-    def send(topic: str, key: bytes | None, value: bytes):
-        return producer.send(topic, value, key=key)
-
-    worker = JoinWorker(settings, _state_store(settings, redis_client), send, assignment)
+    publish = BatchPublisher(producer)
+    worker = JoinWorker(settings, _state_store(settings, redis_client), publish, assignment)
 
     # the batch being finished (outputs acknowledged, state committed) while the next one
     # is fetched and joined; batches are finished one at a time, in order

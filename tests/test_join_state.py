@@ -56,19 +56,19 @@ def stream(n: int) -> list[Record]:
 
 
 class Sink:
-    """``send`` for the worker: records what was published; can be made to fail."""
+    """``publish`` for the worker: records what was published; can be made to fail."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bytes]] = []
         self.fail = False
 
-    async def __call__(self, topic, key, value):
+    async def __call__(self, records):
         if self.fail:
             raise ConnectionError("broker down")
-        self.sent.append((topic, key, value))
+        self.sent.extend(records)
         future = asyncio.get_running_loop().create_future()
         future.set_result(None)
-        return future
+        return [future]
 
     def labels(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}

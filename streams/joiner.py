@@ -20,12 +20,15 @@ for why a crash neither loses nor double-counts a label.
 
 Two drivers feed the same :class:`~streams.join_worker.JoinWorker` (``[joiner] driver``):
 
+* ``"aiokafka"`` (default): an aiokafka consumer-group loop over ``getmany``
+  (:func:`run_group`) that seeks every newly assigned partition to the offsets stored with
+  its state, finishes one batch (broker acks, state commit) while it joins the next, and
+  produces each batch's outputs as one producer batch per partition;
 * ``"faust"``: a faust-streaming agent over ``stream.take_events`` (:func:`create_app`);
-  faust's consumer commits the offsets of the events the worker reports done.
-* ``"aiokafka"``: an aiokafka consumer-group loop over ``getmany`` (:func:`run_group`)
-  that seeks every newly assigned partition to the offsets stored with its state. faust
-  hands records to its agents one at a time (two asyncio tasks per record in its fetcher),
-  which costs more than the join itself; this driver reads whole fetches.
+  faust's consumer commits the offsets of the events the worker reports done. faust hands
+  records to its agents one at a time (its fetcher awaits two asyncio tasks per record),
+  so a faust worker tops out near what a forwarding-only faust agent manages, about a
+  fifth of the aiokafka driver (``bench/joiner_throughput.py`` measures all three).
 
 The ``worker`` command creates missing topics first (faust does not create source topics,
 and stops on a partition-count mismatch) and exits with a clear message on a wrong layout.

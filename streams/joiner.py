@@ -128,7 +128,15 @@ def create_app(settings: Settings, redis_client=None) -> faust.App:
             # Redis yet (a batch that fails here is joined again after a restart)
             for event in events:
                 event.message.incref()
-            done = await worker.process([event.message for event in events])
+            try:
+                done = await worker.process([event.message for event in events])
+            except Exception as exc:
+                # the in-memory tables now hold a batch that is not in Redis, and faust
+                # will not deliver its events again: stop, so that a restart replays them
+                log.exception("joiner: batch failed; stopping the worker")
+                worker.forget(list(worker.parts))
+                await app.crash(exc)
+                raise
             for message in done:
                 message.ack(app.consumer)
 

@@ -152,9 +152,9 @@ class Join:
     ``store`` needs ``get``, ``__setitem__``, ``__delitem__`` and ``items`` with ``str``
     keys and ``bytes`` values. Keys: ``i:<impression id>``, ``c:<impression id>`` (held
     clicks) and ``w:<partition>`` (that partition's watermark), so a store shared by all
-    partitions (a faust table) works. Expiry uses an in-memory index per partition,
-    rebuilt from the store on first use and after :meth:`forget_partitions` (call it when
-    partitions are (re)assigned: their state may have changed elsewhere).
+    partitions works. Expiry uses an in-memory index per partition (and the watermark is
+    kept decoded), rebuilt from the store on first use and after :meth:`forget_partitions`
+    (call it when partitions are (re)assigned: their state may have changed elsewhere).
 
     Idle sources: the watermark is the minimum over the two topics, so a partition with
     no engagements does not expire impressions. Producers that may go idle should emit

@@ -18,8 +18,10 @@ Status codes:
   the field(s), ``errors`` lists ``{"field", "message"}``;
 * 400 a well-formed request breaking a rule across fields (``end_ts <= start_ts``,
   ``daily_budget > total_budget``): ``detail`` plus ``field``;
-* 503 the budget store (Redis) is unavailable, ad serving is not configured, or the
-  campaigns topic did not acknowledge a catalogue change (which is then not applied).
+* 503 the budget store (Redis) is unavailable, ad serving is not configured, the
+  campaigns topic did not acknowledge a catalogue change (which is then not applied), or
+  more than ``max_inflight_ad_requests`` ad requests are being served already (with
+  ``Retry-After``: failing fast keeps an overloaded server answering in time).
 
 Ad serving: ``POST /v1/ad-requests`` takes an :class:`~engine.events.AdRequest` as JSON
 (the ``"type"`` tag is optional) and answers the :class:`~auction.serving.AdResponse`
@@ -28,6 +30,8 @@ of the ``ad_server`` passed to :func:`create_app` as JSON, each ad with the
 from the platform front end, never from advertisers, so the route requires the
 **operator key** (an advertiser key gets 403); a dedicated front-end key would be a
 later refinement. An invalid body gets 422 naming the field (``user.age``, ``slots``).
+A request whose client has already disconnected is not served (499, never seen by the
+client): under overload the server works only on requests someone still waits for.
 
 Events: ``POST /v1/events`` takes one tagged :class:`~engine.events.Impression` or
 :class:`~engine.events.Engagement` (click, hide, report) or a JSON array of them, from the
@@ -43,9 +47,10 @@ update the catalog change stands and 503 asks the client to retry the same PATCH
 Observability: ``/healthz`` (process up), ``/readyz`` (Redis reachable and, with a
 catalogue replica, the campaigns topic read up to its start), ``/metrics``
 (Prometheus: ``adengine_api_requests_total{method,route,status}`` and
-``adengine_api_request_duration_seconds{method,route}``, ``route`` being the route
-template, never the raw path; ad serving's fill, pCTR, fallbacks and model version, see
-:mod:`auction.metrics`) and ``/openapi.json``.
+``adengine_api_request_duration_seconds{method,route}``, recorded by the pure ASGI
+:class:`RequestMetrics`, ``route`` being the route template, never the raw path; ad
+serving's fill, pCTR, fallbacks and model version, see :mod:`auction.metrics`) and
+``/openapi.json``.
 """
 
 import contextlib
@@ -69,6 +74,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auction.auth import DEFAULT_COST, OPERATOR, KeyStore, Principal
 from auction.budget import BudgetLedger, budget_day
@@ -83,7 +89,9 @@ from auction.metrics import ServingMetrics
 from auction.serving import AdResponse, AdServer
 from engine.events import AdRequest, Engagement, Impression, encode
 
-__all__ = ["app_from_settings", "create_app"]
+__all__ = ["RequestMetrics", "app_from_settings", "create_app"]
+
+RETRY_AFTER_S = 1
 
 # --------------------------------------------------------------------------- schemas
 
@@ -241,9 +249,40 @@ def _body(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(exclude_unset=True, exclude={"advertiser_id"})
 
 
-def _route_of(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "<unmatched>"
+class RequestMetrics:
+    """ASGI middleware counting HTTP requests and timing them by method and route template.
+
+    Pure ASGI rather than ``@app.middleware("http")``: no extra task, stream or response
+    object per request. ``route`` is the matched template (``scope["route"]``, set by the
+    router) and the status the one of ``http.response.start``; 500 when the app raised
+    before answering.
+    """
+
+    def __init__(self, app: ASGIApp, requests_total: Counter, latency: Histogram) -> None:
+        self.app = app
+        self.requests_total = requests_total
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "<unmatched>"
+            method = scope["method"]
+            self.requests_total.labels(method, route, str(status)).inc()
+            self.latency.labels(method, route).observe(time.perf_counter() - start)
 
 
 def _msgspec_field(message: str) -> str:
@@ -310,6 +349,7 @@ def create_app(
     ad_server: AdServer | None = None,
     event_sink: Callable[[str, str, bytes], Awaitable[None]] | None = None,
     catalogue: Any = None,
+    max_inflight_ad_requests: int = 32,
 ) -> FastAPI:
     """The campaign API over ``service`` (catalog) and ``ledger`` (budgets in Redis).
 
@@ -319,8 +359,11 @@ def create_app(
     ``POST /v1/ad-requests`` and ``event_sink`` (``await sink(role, key, value)``, e.g.
     :class:`streams.event_sink.KafkaEventSink`) takes ``POST /v1/events`` (503 without).
     ``catalogue`` (a :class:`~auction.catalogue.CatalogueReplica` behind ``service``)
-    keeps ``/readyz`` at 503 until it has caught up with the campaigns topic.
+    keeps ``/readyz`` at 503 until it has caught up with the campaigns topic. Beyond
+    ``max_inflight_ad_requests`` ad requests in flight, more get 503 at once.
     """
+    if max_inflight_ad_requests < 1:
+        raise ValueError(f"max_inflight_ad_requests must be >= 1, got {max_inflight_ad_requests}")
     keys = keys if keys is not None else KeyStore(operator_key_hash, cost=key_cost)
     registry = registry if registry is not None else CollectorRegistry()
     requests_total = Counter(
@@ -353,18 +396,7 @@ def create_app(
     app.state.service, app.state.ledger, app.state.keys = service, ledger, keys
     app.state.registry = registry
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = _route_of(request)
-            requests_total.labels(request.method, route, str(status)).inc()
-            latency.labels(request.method, route).observe(time.perf_counter() - start)
+    app.add_middleware(RequestMetrics, requests_total=requests_total, latency=latency)
 
     # -- errors ------------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -403,18 +435,22 @@ def create_app(
     # -- auth --------------------------------------------------------------------------
     bearer = HTTPBearer(auto_error=False, description="Advertiser or operator API key")
 
-    def principal(
+    async def principal(
         creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     ) -> Principal:
+        # async: no thread hand-off for the usual cache hit; a miss costs one scrypt
+        # (tens of ms), run in the threadpool so the event loop never waits for it
         unauthorized = {"WWW-Authenticate": "Bearer"}
         if creds is None:
             raise HTTPException(401, "missing bearer token", headers=unauthorized)
-        who = keys.authenticate(creds.credentials)
+        who = keys.cached(creds.credentials)
+        if who is None:
+            who = await run_in_threadpool(keys.authenticate, creds.credentials)
         if who is None:
             raise HTTPException(401, "invalid or revoked API key", headers=unauthorized)
         return who
 
-    def operator(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    async def operator(who: Annotated[Principal, Depends(principal)]) -> Principal:
         if not who.is_operator:
             raise HTTPException(403, "operator key required")
         return who
@@ -428,7 +464,7 @@ def create_app(
 
     # -- probes ------------------------------------------------------------------------
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorOut}})
@@ -573,6 +609,8 @@ def create_app(
 
     # -- serving -----------------------------------------------------------------------
     serve_rng = random.Random()
+    inflight = 0  # ad requests being served (the event loop's only: no lock needed)
+    busy_headers = {"Retry-After": str(RETRY_AFTER_S)}
 
     @app.post(
         "/v1/ad-requests",
@@ -587,21 +625,37 @@ def create_app(
     )
     async def ad_requests(request: Request, who: Operator) -> Response:
         """Serve one ad request (operator key: the platform front end)."""
+        nonlocal inflight
         if ad_server is None:
             raise HTTPException(503, "ad serving is not configured")
-        try:
-            ad_request = msgspec.json.decode(await request.body(), type=AdRequest)
-        except msgspec.DecodeError as exc:
-            field = _msgspec_field(str(exc))
-            message = str(exc)
+        if inflight >= max_inflight_ad_requests:
             return JSONResponse(
-                status_code=422,
-                content={
-                    "detail": f"{field}: {message}",
-                    "errors": [{"field": field, "message": message}],
-                },
+                status_code=503,
+                content={"detail": f"over {max_inflight_ad_requests} ad requests in flight"},
+                headers=busy_headers,
             )
-        response = await run_in_threadpool(ad_server.serve, ad_request, serve_rng)
+        inflight += 1
+        try:
+            try:
+                ad_request = msgspec.json.decode(await request.body(), type=AdRequest)
+            except msgspec.DecodeError as exc:
+                field = _msgspec_field(str(exc))
+                message = str(exc)
+                return JSONResponse(
+                    status_code=422,
+                    content={
+                        "detail": f"{field}: {message}",
+                        "errors": [{"field": field, "message": message}],
+                    },
+                )
+            if await request.is_disconnected():  # its client gave up while it queued
+                return Response(status_code=499)
+            # On the event loop, not in the threadpool: serving is CPU-bound under the GIL
+            # (its only I/O is one pipelined Redis round trip), and a worker thread made
+            # the loop and the worker wait on each other for the GIL at every hand-off.
+            response = ad_server.serve(ad_request, serve_rng)
+        finally:
+            inflight -= 1
         serving_metrics.observe(ad_request.slots, response)
         return Response(msgspec.json.encode(_response_out(response)), media_type="application/json")
 
@@ -692,9 +746,9 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
     subscriber = ModelSubscriber(ModelPublisher(client, settings.redis.model_key), settings)
     subscriber.start_polling(auction.model_poll_s)
 
-    def remaining(campaign_id: str) -> float:
+    def remaining(campaign_ids) -> dict[str, float]:
         day = budget_day(time.time(), auction.budget_utc_offset_hours)
-        return ledger.remaining(campaign_id, day)
+        return ledger.remaining_many(campaign_ids, day)
 
     pacer = None
     if auction.pacing:  # throttles from spend in Redis, the same on every replica
@@ -710,7 +764,7 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
         prior_ctr=auction.prior_ctr,
         reserve_cpc=auction.reserve_cpc,
         reserve_cpm=auction.reserve_cpm,
-        remaining_budget=remaining,
+        remaining_budgets=remaining,
         throttle=None if pacer is None else pacer.throttle,
         exploration=Exploration.from_settings(auction),
     )
@@ -724,6 +778,7 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
         event_sink=sink,
         keys=catalogue.keys if catalogue is not None else None,
         catalogue=catalogue,
+        max_inflight_ad_requests=auction.max_inflight_ad_requests,
     )
     app.state.model_subscriber = subscriber  # stop() it to end the polling thread
     app.state.catalogue = catalogue  # stop() it to end the topic reader (None: in memory)

@@ -9,10 +9,13 @@
 2. **eligibility** - an optional pacing ``throttle(campaign_id) -> skip probability``
    (one draw per campaign and request: the campaign bids with probability
    ``1 - throttle``) and an optional budget check: a campaign serves only while
-   :func:`~auction.pacing.can_afford` ``(remaining(campaign_id), max_charge)``, the
-   largest charge one impression can cause being the bid for CPC (a click) and
-   ``bid / 1000`` for CPM. A failing ``remaining`` call drops the campaign (fail closed:
-   never overspend) and sets ``budget_checked=False`` in the response.
+   :func:`~auction.pacing.can_afford` ``(remaining, max_charge)``, the largest charge
+   one impression can cause being the bid for CPC (a click) and ``bid / 1000`` for CPM.
+   ``remaining_budgets(campaign_ids) -> {campaign_id: remaining}`` is called once per
+   request with every distinct campaign that survived the throttle (e.g.
+   :meth:`~auction.budget.BudgetLedger.remaining_many`: one Redis round trip). A
+   failing call drops all of them, a campaign missing from its answer is dropped (fail
+   closed: never overspend), and either sets ``budget_checked=False`` in the response.
 3. **prior cut** - :func:`~auction.selection.top_k_by_prior` on ``bid x prior CTR``
    keeps ``top_k`` candidates. The prior CTR is a constant (``prior_ctr``, default 2%)
    until learned per-ad priors exist; a callable ``ad_id -> prior`` may be passed
@@ -53,7 +56,7 @@ import logging
 import random
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,6 +97,8 @@ class _Rng(Protocol):
 
 
 ModelSource = Callable[[], "tuple[Any, Any, Any] | None"]
+RemainingBudgets = Callable[[Sequence[str]], Mapping[str, float]]
+_Candidate = tuple[Ad, Campaign]  # plain tuples: hundreds are matched per request
 
 
 def ad_fields(ad: Ad, spec_fields: Sequence[str] = ()) -> dict[str, Any]:
@@ -181,12 +186,6 @@ class AdResponse:
     scored: int = 0  # after the prior cut (sent to the model)
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    ad: Ad
-    campaign: Campaign
-
-
 class AdServer:
     """Runs the selection funnel over a campaign catalog and the current model.
 
@@ -214,7 +213,7 @@ class AdServer:
         reserve_cpc: float = 0.01,
         reserve_cpm: float = 0.1,
         throttle: Callable[[str], float] | None = None,
-        remaining_budget: Callable[[str], float] | None = None,
+        remaining_budgets: RemainingBudgets | None = None,
         exploration: Exploration | None = None,
     ) -> None:
         if top_k < 1:
@@ -229,7 +228,7 @@ class AdServer:
         self.quality = quality
         self.reserve = {"cpc": reserve_cpc, "cpm": reserve_cpm}
         self.throttle = throttle
-        self.remaining_budget = remaining_budget
+        self.remaining_budgets = remaining_budgets
         self.exploration = exploration
         self._features_lock = threading.Lock()
         self._ad_field_cache: dict[str, tuple] = {}
@@ -238,35 +237,45 @@ class AdServer:
     def _match(self, request: AdRequest) -> list[_Candidate]:
         service = self.service
         with service.lock:
-            view = service.serving_view(sorted(service.index.match(request)))
-        return [_Candidate(ad, campaign) for ad, campaign in view]
+            return service.serving_view(sorted(service.index.match(request)))
 
     def _eligible(self, candidates: list[_Candidate], rng: _Rng) -> tuple[list[_Candidate], bool]:
-        skip: dict[str, bool] = {}
+        """Candidates whose campaign passed the throttle draw and the budget check."""
+        throttle, lookup = self.throttle, self.remaining_budgets
+        if throttle is None and lookup is None:
+            return candidates, True
+        campaigns: dict[str, Campaign] = {}
+        for _, campaign in candidates:
+            campaigns.setdefault(campaign.campaign_id, campaign)
+        live = list(campaigns)
+        if throttle is not None:  # one draw per campaign, in candidate order
+            live = [cid for cid in live if not rng.random() < throttle(cid)]
         checked = True
-        for cand in candidates:
-            campaign = cand.campaign
-            cid = campaign.campaign_id
-            if cid in skip:
-                continue
-            drop = False
-            if self.throttle is not None:
-                drop = rng.random() < self.throttle(cid)
-            if not drop and self.remaining_budget is not None:
+        if lookup is not None and live:
+            try:
+                remaining = {cid: float(left) for cid, left in lookup(live).items()}
+            except Exception:
+                log.exception("budget lookup failed for %d campaigns: not serving them", len(live))
+                return [], False
+            affordable = []
+            for cid in live:
+                campaign = campaigns[cid]
                 max_charge = campaign.bid if campaign.pricing == "cpc" else campaign.bid / 1000.0
-                try:
-                    remaining = float(self.remaining_budget(cid))
-                except Exception:
-                    log.exception("budget lookup failed for campaign %s: not serving it", cid)
-                    drop, checked = True, False
-                else:
-                    drop = not can_afford(remaining, max_charge)
-            skip[cid] = drop
-        return [c for c in candidates if not skip[c.campaign.campaign_id]], checked
+                left = remaining.get(cid)
+                if left is None:
+                    log.error("no budget answer for campaign %s: not serving it", cid)
+                    checked = False
+                elif can_afford(left, max_charge):
+                    affordable.append(cid)
+            live = affordable
+        keep = set(live)
+        return [c for c in candidates if c[1].campaign_id in keep], checked
 
-    def _prior(self, ad_id: str) -> float:
+    def _priors(self, ad_ids: list[str]) -> list[float]:
         prior = self.prior_ctr
-        return float(prior(ad_id)) if callable(prior) else float(prior)
+        if callable(prior):
+            return [float(prior(ad_id)) for ad_id in ad_ids]
+        return [float(prior)] * len(ad_ids)
 
     def _score(self, request: AdRequest, candidates: list[_Candidate]):
         """``(pctr, features, version)`` from the model, or ``None`` to serve on priors."""
@@ -277,7 +286,7 @@ class AdServer:
             model, scorer, version = current
             spec_fields = model.pipeline.spec.fields
             shared = request_fields(request, self.salt)
-            ads, keys = self._ad_features(candidates, spec_fields)
+            ads, keys = self._ad_features([ad for ad, _ in candidates], spec_fields)
             with self._features_lock:
                 batch = model.pipeline.transform_request(shared, ads, keys)
             pctr = np.asarray(model.predict_proba_many(batch, scorer), dtype=np.float64)
@@ -288,20 +297,20 @@ class AdServer:
             log.exception("model scoring failed: serving on prior CTR")
             return None
 
-    def _ad_features(self, candidates: list[_Candidate], spec_fields: Sequence[str]):
-        """Each candidate's feature fields and cache key, computed once per ad version.
+    def _ad_features(self, candidates: list[Ad], spec_fields: Sequence[str]):
+        """Each ad's feature fields and cache key, computed once per ad version.
 
         The key identifies the ad's field values, so an edited ad (a new record) gets
         fresh feature rows; an unchanged ad reuses its fields and key.
         """
         cache = self._ad_field_cache
         ads, keys = [], []
-        for cand in candidates:
-            hit = cache.get(cand.ad.ad_id)
-            if hit is None or hit[0] is not cand.ad or hit[1] != spec_fields:
-                fields = ad_fields(cand.ad, spec_fields)
-                hit = (cand.ad, tuple(spec_fields), fields, tuple(fields.items()))
-                cache[cand.ad.ad_id] = hit
+        for ad in candidates:
+            hit = cache.get(ad.ad_id)
+            if hit is None or hit[0] is not ad or hit[1] != spec_fields:
+                fields = ad_fields(ad, spec_fields)
+                hit = (ad, tuple(spec_fields), fields, tuple(fields.items()))
+                cache[ad.ad_id] = hit
             ads.append(hit[2])
             keys.append(hit[3])
         return ads, keys
@@ -319,17 +328,17 @@ class AdServer:
         rng = random if rng is None else rng
         matched = self._match(request)
         eligible, budget_checked = self._eligible(matched, rng)
-        by_id = {c.ad.ad_id: c for c in eligible}
-        ids = list(by_id)
-        prior = {ad_id: self._prior(ad_id) for ad_id in ids}
+        ids = [ad.ad_id for ad, _ in eligible]  # unique: the index matches a set of ids
+        priors = self._priors(ids)
         survivors_ids = top_k_by_prior(
             ids,
-            bids={i: by_id[i].campaign.bid for i in ids},
-            prior_ctr=prior,
+            bids=[campaign.bid for _, campaign in eligible],
+            prior_ctr=priors,
             k=self.top_k,
-            pricing={i: by_id[i].campaign.pricing for i in ids},
+            pricing=[campaign.pricing for _, campaign in eligible],
         )
-        survivors = [by_id[i] for i in survivors_ids]
+        position = {ad_id: n for n, ad_id in enumerate(ids)}
+        survivors = [eligible[position[i]] for i in survivors_ids]
         counts = {"matched": len(matched), "eligible": len(eligible), "scored": len(survivors)}
         if not survivors:
             return AdResponse(
@@ -343,22 +352,24 @@ class AdServer:
 
         scored = self._score(request, survivors)
         if scored is None:
-            pctr = np.array([prior[c.ad.ad_id] for c in survivors], dtype=np.float64)
+            pctr = np.array([priors[position[i]] for i in survivors_ids], dtype=np.float64)
             batch, version = None, PRIOR_VERSION
         else:
             pctr, batch, version = scored
-        quality = [
-            1.0 if self.quality is None else float(self.quality(c.ad.ad_id)) for c in survivors
-        ]
-        pricing = [c.campaign.pricing for c in survivors]
+        quality = (
+            [1.0] * len(survivors)
+            if self.quality is None
+            else [float(self.quality(ad_id)) for ad_id in survivors_ids]
+        )
+        pricing = [campaign.pricing for _, campaign in survivors]
         auction_args = {
-            "bids": [c.campaign.bid for c in survivors],
+            "bids": [campaign.bid for _, campaign in survivors],
             "pctr": pctr,
             "quality": quality,
             "pricing": pricing,
             "reserve": [self.reserve[p] for p in pricing],
             "slots": request.slots,
-            "ad_ids": [c.ad.ad_id for c in survivors],
+            "ad_ids": survivors_ids,
         }
         exploration = self.exploration
         factor = None if exploration is None else _ranking_factor(exploration, auction_args)
@@ -368,10 +379,10 @@ class AdServer:
         else:
             winners, explored = explore_auction(**auction_args, factor=factor)
         if exploration is not None:
-            exploration.counter.add(survivors[win.index].ad.ad_id for win in winners)
+            exploration.counter.add(survivors_ids[win.index] for win in winners)
         served = []
         for win, exploring in zip(winners, explored):
-            cand = survivors[win.index]
+            ad, campaign = survivors[win.index]
             if batch is None:
                 features = ScoredFeatures(indices=[], values=[], dense=[])
             else:
@@ -385,23 +396,23 @@ class AdServer:
                 impression_id=uuid.uuid4().hex,
                 request_id=request.request_id,
                 ts=request.ts,
-                ad_id=cand.ad.ad_id,
-                campaign_id=cand.campaign.campaign_id,
-                advertiser_id=cand.ad.advertiser_id,
+                ad_id=ad.ad_id,
+                campaign_id=campaign.campaign_id,
+                advertiser_id=ad.advertiser_id,
                 position=win.position,
                 price=win.price,
                 model_version=version,
                 exploration=exploring,
                 pctr=p,
                 features=features,
-                pricing=cand.campaign.pricing,
-                bid=cand.campaign.bid,
+                pricing=campaign.pricing,
+                bid=campaign.bid,
             )
             served.append(
                 ServedAd(
-                    ad_id=cand.ad.ad_id,
-                    campaign_id=cand.campaign.campaign_id,
-                    advertiser_id=cand.ad.advertiser_id,
+                    ad_id=ad.ad_id,
+                    campaign_id=campaign.campaign_id,
+                    advertiser_id=ad.advertiser_id,
                     position=win.position,
                     price=win.price,
                     pricing=win.pricing,

@@ -185,6 +185,7 @@ class AuctionSettings:
     reserve_cpc: float = 0.01
     reserve_cpm: float = 0.1
     model_poll_s: float = 1.0
+    max_inflight_ad_requests: int = 32
     catalogue_timeout_s: float = 5.0
     exploration: str = "thompson"
     exploration_fraction: float = 0.05

@@ -402,7 +402,7 @@ def test_serving_stops_once_billing_exhausts_the_budget(broker, redis_client, tm
         service.create_ad(OPERATOR, cid, {"category": name, "landing_domain": "x.example"})
         sc.ledger.set_budget(cid, daily=budget, total=budget)
     server = AdServer(
-        service, lambda: None, remaining_budget=lambda cid: sc.ledger.remaining(cid, DAY)
+        service, lambda: None, remaining_budgets=lambda cids: sc.ledger.remaining_many(cids, DAY)
     )
     worker = Worker(sc.env, tmp_path / "worker.log")
     served = []

@@ -118,6 +118,22 @@ def test_day_rollover_and_total_budget(ledger, server):
     assert server.ttl("adengine:budget:{c1}:total") == -1
 
 
+def test_remaining_many_matches_remaining(ledger):
+    ledger.set_budget("c1", daily=1.0, total=10.0)
+    ledger.set_budget("c2", daily=5.0, total=2.0)
+    ledger.set_budget("c3", daily=1.0, total=1.0)
+    assert ledger.charge("c1", 0.3, DAY, 0.5, "a").accepted
+    assert ledger.charge("c2", 1.5, DAY, 2.0, "b").accepted
+    assert ledger.charge("c3", 1.0, DAY, 1.0, "c").accepted
+    ids = ["c1", "c2", "c3", "nobudget", "c1"]
+    many = ledger.remaining_many(ids, DAY)
+    assert many == {cid: ledger.remaining(cid, DAY) for cid in ids}
+    assert many == {"c1": 0.7, "c2": 0.5, "c3": 0.0, "nobudget": 0.0}
+    assert ledger.remaining_many([], DAY) == {}
+    ledger.redis.script_flush()  # e.g. a restarted server: the script is loaded again
+    assert ledger.remaining_many(["c2"], DAY) == {"c2": 0.5}
+
+
 def test_budget_changes_and_missing_budget(ledger):
     assert ledger.charge("nobudget", 0.1, DAY, 1.0, "x").status == "no_budget"
     assert ledger.spend("nobudget", DAY) is None and ledger.remaining("nobudget", DAY) == 0.0

@@ -426,6 +426,38 @@ def test_app_from_settings_uses_the_embedded_redis(tmp_path):
         close_embedded(path)
 
 
+def test_ad_requests_beyond_the_inflight_limit_get_503_at_once(env):
+    import asyncio
+
+    import httpx
+
+    from auction.serving import AdServer
+
+    app = create_app(env["service"], env["ledger"], hash_key(OPERATOR_KEY, cost=COST),
+                     key_cost=COST, ad_server=AdServer(env["service"], lambda: None),
+                     max_inflight_ad_requests=1)  # fmt: skip
+    body = {"request_id": "r1", "ts": NOW, "user": {"user_id": "u1", "region": "FR"}, "slots": 1}
+
+    async def burst() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+            async def post() -> httpx.Response:
+                return await client.post("/v1/ad-requests", json=body, headers=env["op"])
+
+            assert (await post()).status_code == 200  # the operator key is now cached
+            responses = await asyncio.gather(*(post() for _ in range(4)))
+            return [*responses, await post()]
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert codes[0] == 200 and 503 in codes and codes[-1] == 200, codes
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "in flight" in busy.json()["detail"]
+    with pytest.raises(ValueError, match="max_inflight_ad_requests"):
+        create_app(env["service"], max_inflight_ad_requests=0)
+
+
 # --------------------------------------------------------------------------- auth unit
 
 
@@ -456,6 +488,11 @@ def test_keystore_hashing_cache_and_revocation(monkeypatch):
     assert store.revoke(issued.key_id) and store.authenticate(issued.raw_key) is None
     assert not store.revoke("nope") and store.revoke_all("adv") == 0
     assert store.authenticate(OPERATOR_KEY) == OPERATOR and store.authenticate(OPERATOR_KEY)
+    # the cache-only path never hashes: a hit, or None for the caller to authenticate()
+    calls.clear()
+    assert store.cached(OPERATOR_KEY) == OPERATOR and store.cached(issued.raw_key) is None
+    assert store.cached("ak_ffffffffffffffff.secret") is None and store.cached(None) is None
+    assert not calls
     assert store.authenticate(None) is None and store.authenticate("") is None
     with pytest.raises(ValueError, match="malformed key hash"):
         KeyStore("plaintext-operator-key")

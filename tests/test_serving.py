@@ -218,7 +218,10 @@ def test_exhausted_budget_never_served(model, catalog):
     # "any" has nothing left; "cpm" has less than one impression's max charge (20/1000)
     remaining = {ids["any"]: 0.0, ids["cpm"]: 0.019}
     server = AdServer(
-        service, _source(model), salt=SALT, remaining_budget=lambda cid: remaining.get(cid, 100.0)
+        service,
+        _source(model),
+        salt=SALT,
+        remaining_budgets=lambda cids: {cid: remaining.get(cid, 100.0) for cid in cids},
     )
     served = set()
     for request in _requests(300, seed=3):
@@ -232,16 +235,29 @@ def test_exhausted_budget_never_served(model, catalog):
 def test_budget_lookup_failure_drops_campaign(model, catalog):
     service, ids = catalog
 
-    def remaining(cid):
-        if cid == ids["any"]:
+    def remaining(cids):
+        if ids["any"] in cids:
             raise ConnectionError("redis down")
-        return 100.0
+        return dict.fromkeys(cids, 100.0)
 
-    server = AdServer(service, _source(model), salt=SALT, remaining_budget=remaining)
+    server = AdServer(service, _source(model), salt=SALT, remaining_budgets=remaining)
     request = AdRequest(request_id="r", ts=NOW, user=UserProfile(user_id="u"), slots=4)
     response = server.serve(request, random.Random(0))
     assert response.budget_checked is False
     assert ids["any"] not in {ad.campaign_id for ad in response.ads}
+    # a campaign missing from the answer is dropped alone, the others still serve
+    partial = AdServer(
+        service,
+        _source(model),
+        salt=SALT,
+        remaining_budgets=lambda cids: {c: 100.0 for c in cids if c != ids["any"]},
+    )
+    served, checked = set(), set()
+    for request in _requests(100, seed=3):
+        response = partial.serve(request, random.Random(0))
+        served |= {ad.campaign_id for ad in response.ads}
+        checked.add(response.budget_checked)
+    assert ids["any"] not in served and ids["shoes"] in served and False in checked
 
 
 def test_throttle_and_top_k(model, catalog):

@@ -731,7 +731,9 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
 
     settings = load_settings() if settings is None else settings
     auction = settings.auction
-    client = connect(settings)
+    # serving runs on the event loop: a hung Redis must fail budget lookups, not freeze
+    # the server (model snapshots, megabytes read by a background thread, use their own)
+    client = connect(settings, socket_timeout=auction.redis_timeout_s)
     bootstrap = settings.kafka.bootstrap_servers
     sink = KafkaEventSink(bootstrap, settings.kafka) if bootstrap else None
     ledger = BudgetLedger(client, prefix=auction.budget_prefix, day_ttl_s=auction.budget_day_ttl_s)
@@ -743,7 +745,9 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
         service = catalogue.start().service
     else:
         service = CampaignService(on_change=on_change)
-    subscriber = ModelSubscriber(ModelPublisher(client, settings.redis.model_key), settings)
+    subscriber = ModelSubscriber(
+        ModelPublisher(connect(settings), settings.redis.model_key), settings
+    )
     subscriber.start_polling(auction.model_poll_s)
 
     def remaining(campaign_ids) -> dict[str, float]:

@@ -186,6 +186,7 @@ class AuctionSettings:
     reserve_cpm: float = 0.1
     model_poll_s: float = 1.0
     max_inflight_ad_requests: int = 32
+    redis_timeout_s: float = 0.5
     catalogue_timeout_s: float = 5.0
     exploration: str = "thompson"
     exploration_fraction: float = 0.05

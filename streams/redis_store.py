@@ -32,11 +32,16 @@ _embedded: dict[str, redis.Redis] = {}
 _lock = threading.Lock()
 
 
-def connect(settings: Settings | RedisSettings) -> redis.Redis:
-    """A client of the configured Redis, or of the embedded server for ``embedded_path``."""
+def connect(settings: Settings | RedisSettings, socket_timeout: float | None = None) -> redis.Redis:
+    """A client of the configured Redis, or of the embedded server for ``embedded_path``.
+
+    ``socket_timeout`` (seconds) bounds every command of a configured server, so that a
+    hung server fails calls instead of blocking the caller; the embedded server is a
+    local child process and its shared client has none.
+    """
     cfg = settings.redis if isinstance(settings, Settings) else settings
     if cfg.url.strip():
-        return redis.Redis.from_url(cfg.url.strip())
+        return redis.Redis.from_url(cfg.url.strip(), socket_timeout=socket_timeout)
     return embedded(cfg.embedded_path)
 
 

@@ -720,7 +720,8 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
     Kafka when ``[kafka] bootstrap_servers`` (or ``KAFKA_BOOTSTRAP_SERVERS``) names a
     cluster, and the ``[auction]`` parameters
     (exploration included, see :mod:`auction.exploration`; budget pacing, see
-    :mod:`auction.pacer`).
+    :mod:`auction.pacer`; ad quality from hide and report feedback, see
+    :mod:`auction.feedback`).
     """
     from auction.exploration import Exploration
     from auction.serving import AdServer, subscriber_source
@@ -760,12 +761,19 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
 
         pacer = Pacer.from_settings(ledger, active_campaigns(service), auction).start()
 
+    feedback = None
+    if auction.quality:  # qualities from feedback counts in Redis, the same on every replica
+        from auction.feedback import FeedbackQuality, catalogue_ads
+
+        feedback = FeedbackQuality.from_settings(client, catalogue_ads(service), settings).start()
+
     ad_server = AdServer(
         service,
         subscriber_source(subscriber),
         salt=settings.features.salt,
         top_k=auction.top_k,
         prior_ctr=auction.prior_ctr,
+        quality=None if feedback is None else feedback.quality,
         reserve_cpc=auction.reserve_cpc,
         reserve_cpm=auction.reserve_cpm,
         remaining_budgets=remaining,
@@ -787,4 +795,5 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
     app.state.model_subscriber = subscriber  # stop() it to end the polling thread
     app.state.catalogue = catalogue  # stop() it to end the topic reader (None: in memory)
     app.state.pacer = pacer  # stop() it to end the pacing thread (None: pacing off)
+    app.state.feedback = feedback  # stop() it to end the quality refreshes (None: quality off)
     return app

@@ -24,6 +24,19 @@ script, so whichever of the two arrives second (the topics are consumed independ
 possibly by different workers) sees the other and bills the click: a click that comes
 first is held in the same hash until its impression arrives.
 
+**Feedback counts.** The same scripts count, per ad, the impressions, hides and reports
+that :mod:`auction.feedback` turns into ad quality: a hash per ad (key
+:func:`~auction.feedback.feedback_key` under ``[billing] feedback_prefix``, fields
+``impressions``, ``hides`` and ``reports``, kept for good). An impression is counted by
+the call that remembers it first, which also stores its ad's counter key in the
+impression's hash; a hide or report is counted once per impression and kind (the first
+one is flagged in the impression's hash, later ones and redeliveries are ``duplicate``),
+in the ad's counters when its impression is remembered, else held like a click and
+counted when the impression arrives. Feedback whose impression never comes within the
+memory's lifetime, or comes after it expired, is never counted. Both scripts write the
+impression's hash and its ad's counters: the billing state must live on one Redis node,
+not spread over a cluster's slots.
+
 Delivery is at-least-once: offsets are committed only after a batch's charges are done
 and its dead letters acknowledged, and a crashed worker's uncommitted events are charged
 again under the same charge ids, which the ledger answers with ``duplicate``. The charge
@@ -41,8 +54,10 @@ budget, whatever the number of workers.
 Prometheus metrics (own registry, exporter on ``[billing] metrics_port``):
 ``adengine_billing_charges_total{status}`` (the ledger's outcome),
 ``adengine_billing_spend_total`` (currency units accepted),
-``adengine_billing_events_total{kind}`` (impression, click, hide, report, malformed) and
-``adengine_billing_clicks_total{outcome}`` (charged, held, repeat, late, cpm).
+``adengine_billing_events_total{kind}`` (impression, click, hide, report, malformed),
+``adengine_billing_clicks_total{outcome}`` (charged, held, repeat, late, cpm) and
+``adengine_billing_feedback_total{kind, outcome}`` (impression, hide, report; counted,
+held, duplicate).
 """
 
 from __future__ import annotations
@@ -65,6 +80,7 @@ from prometheus_client import Counter as PromCounter
 
 from auction.auction import PER_MILLE
 from auction.budget import BudgetLedger, budget_day
+from auction.feedback import feedback_key
 from engine.config import Settings, load_settings
 from engine.events import Engagement, EventError, Impression, ScoredFeatures, decode_any, encode
 from streams.group import group_consumer, stop_on_signals
@@ -77,6 +93,7 @@ __all__ = [
     "Charge",
     "ImpressionMemory",
     "NotBillable",
+    "Remembered",
     "click_charge",
     "impression_charge",
     "run_group",
@@ -89,6 +106,8 @@ RETRY_BACKOFF_S = 1.0
 CHARGE_STATUSES = ("accepted", "duplicate", "no_budget", "daily_budget", "total_budget")
 EVENT_KINDS = ("impression", "click", "hide", "report", "malformed")
 CLICK_OUTCOMES = ("charged", "held", "repeat", "late", "cpm")
+FEEDBACK_KINDS = ("hide", "report")
+FEEDBACK_OUTCOMES = ("counted", "held", "duplicate")
 _NO_FEATURES = ScoredFeatures(indices=[], values=[], dense=[])
 
 
@@ -170,13 +189,25 @@ def click_charge(
 # --------------------------------------------------------------------------- Redis memory
 
 _REMEMBER_LUA = """
--- KEYS: impression hash; ARGV: impression record (JSON), ttl seconds
--- first write wins; returns the stored record and the held first click (id, ts) or nils
+-- KEYS: impression hash, its ad's feedback counters; ARGV: impression record (JSON), ttl
+-- first write wins and counts the impression, and any hide/report held for it, in the
+-- ad's counters; returns the stored record, the held first click (id, ts), the hide and
+-- report flags (nil when absent) and 1 when this call stored the impression, else 0
+local first = 0
 if redis.call('HEXISTS', KEYS[1], 'imp') == 0 then
-  redis.call('HSET', KEYS[1], 'imp', ARGV[1])
+  redis.call('HSET', KEYS[1], 'imp', ARGV[1], 'ad', KEYS[2])
+  redis.call('HINCRBY', KEYS[2], 'impressions', 1)
+  for _, kind in ipairs({'hide', 'report'}) do
+    if redis.call('HEXISTS', KEYS[1], kind) == 1 then
+      redis.call('HINCRBY', KEYS[2], kind .. 's', 1)
+    end
+  end
+  first = 1
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return redis.call('HMGET', KEYS[1], 'imp', 'click', 'click_ts')
+local out = redis.call('HMGET', KEYS[1], 'imp', 'click', 'click_ts', 'hide', 'report')
+out[6] = first
+return out
 """
 
 _CLICK_LUA = """
@@ -191,44 +222,100 @@ end
 return redis.call('HMGET', KEYS[1], 'click', 'click_ts', 'imp')
 """
 
+_FEEDBACK_LUA = """
+-- KEYS: impression hash; ARGV: kind ('hide' or 'report'), engagement id, ttl seconds
+-- once per impression and kind: counted in the ad's counters (the key stored with the
+-- impression, not in KEYS: one Redis node) when the impression is remembered, else held
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 'duplicate'
+end
+local ad = redis.call('HGET', KEYS[1], 'ad')
+if ad then
+  redis.call('HINCRBY', ad, ARGV[1] .. 's', 1)
+  return 'counted'
+end
+if redis.call('TTL', KEYS[1]) < 0 then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+end
+return 'held'
+"""
+
 
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@dataclass(frozen=True)
+class Remembered:
+    """What :meth:`ImpressionMemory.remember` found: the first click if one came first,
+    whether this call stored (and counted) the impression, and the kinds of held
+    feedback it counted with it."""
+
+    click: tuple[str, float] | None
+    first: bool
+    feedback: tuple[str, ...] = ()
+
+
 class ImpressionMemory:
-    """Recent impressions and their first click, by impression id, in Redis.
+    """Recent impressions, their first click and feedback, by impression id, in Redis.
 
     ``<prefix>imp:<impression id>`` is a hash: ``imp`` (the impression event, without
-    its features), ``click`` and ``click_ts`` (the first click's engagement id and time).
-    It expires ``ttl_s`` after the last write of the impression (or of a click that
-    came first).
+    its features), ``ad`` (its ad's feedback counter key), ``click`` and ``click_ts``
+    (the first click's engagement id and time), ``hide`` and ``report`` (the first such
+    engagement's id). It expires ``ttl_s`` after the last write of the impression (or of
+    a click or feedback that came first). Per-ad counters live under ``feedback_prefix``
+    (:func:`~auction.feedback.feedback_key`).
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, ttl_s: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        ttl_s: float,
+        feedback_prefix: str = "adengine:feedback:",
+    ) -> None:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self.redis = client
         self.prefix = prefix
+        self.feedback_prefix = feedback_prefix
         self.ttl_s = max(1, round(ttl_s))
         self._remember = client.register_script(_REMEMBER_LUA)
         self._click = client.register_script(_CLICK_LUA)
+        self._feedback = client.register_script(_FEEDBACK_LUA)
 
     def _key(self, impression_id: str) -> str:
         return f"{self.prefix}imp:{impression_id}"
 
-    def remember(self, imp: Impression) -> tuple[str, float] | None:
-        """Store ``imp``; returns the first click ``(engagement id, ts)`` if one came first.
+    def remember(self, imp: Impression) -> Remembered:
+        """Store and count ``imp`` unless it is stored already (see :class:`Remembered`).
 
         Raises :class:`NotBillable` when another impression was stored under that id.
         """
         slim = msgspec.structs.replace(imp, features=_NO_FEATURES)  # billing needs no features
-        stored, click, click_ts = self._remember(
-            keys=[self._key(imp.impression_id)], args=[encode(slim), self.ttl_s]
+        stored, click, click_ts, hide, report, first = self._remember(
+            keys=[self._key(imp.impression_id), feedback_key(self.feedback_prefix, imp.ad_id)],
+            args=[encode(slim), self.ttl_s],
         )
         if decode_any(stored) != slim:
             raise NotBillable(f"impression id {imp.impression_id} reused by another impression")
-        return None if click is None else (_text(click), float(click_ts))
+        held = tuple(k for k, flag in zip(FEEDBACK_KINDS, (hide, report)) if flag is not None)
+        return Remembered(
+            click=None if click is None else (_text(click), float(click_ts)),
+            first=bool(first),
+            feedback=held if first else (),
+        )
+
+    def record_feedback(self, eng: Engagement) -> str:
+        """Count a hide or report once per impression and kind: ``counted``, ``held``
+        (its impression is not remembered yet) or ``duplicate``."""
+        if eng.kind not in FEEDBACK_KINDS:
+            raise ValueError(f"not a feedback kind: {eng.kind!r}")
+        outcome = self._feedback(
+            keys=[self._key(eng.impression_id)],
+            args=[eng.kind, eng.engagement_id, self.ttl_s],
+        )
+        return _text(outcome) or ""
 
     def record_click(self, click: Engagement) -> tuple[str, float, Impression | None]:
         """Record ``click`` unless the impression has an earlier-recorded one.
@@ -269,6 +356,17 @@ class BillingMetrics:
             self.events.labels(kind)
         for outcome in CLICK_OUTCOMES:
             self.clicks.labels(outcome)
+        self.feedback = PromCounter(
+            "adengine_billing_feedback",
+            "Impressions, hides and reports counted for ad quality, by outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        for outcome in ("counted", "duplicate"):
+            self.feedback.labels("impression", outcome)
+        for kind in FEEDBACK_KINDS:
+            for outcome in FEEDBACK_OUTCOMES:
+                self.feedback.labels(kind, outcome)
 
 
 # --------------------------------------------------------------------------- batch step
@@ -310,7 +408,8 @@ class Biller:
             client, prefix=auction.budget_prefix, day_ttl_s=auction.budget_day_ttl_s
         )
         ttl = joiner.window_s + joiner.out_of_order_grace_s
-        memory = ImpressionMemory(client, settings.billing.state_prefix, ttl)
+        billing = settings.billing
+        memory = ImpressionMemory(client, billing.state_prefix, ttl, billing.feedback_prefix)
         return cls(ledger, memory, joiner.window_s, auction.budget_utc_offset_hours)
 
     def _count(self, name: str) -> None:
@@ -329,9 +428,17 @@ class Biller:
         self.metrics.clicks.labels(outcome).inc()
         self._count(f"click_{outcome}")
 
+    def _feedback_outcome(self, kind: str, outcome: str) -> None:
+        self.metrics.feedback.labels(kind, outcome).inc()
+        self._count(f"feedback_{kind}_{outcome}")
+
     def _impression(self, imp: Impression) -> None:
         charge = impression_charge(imp, self.utc_offset_hours)  # validates: may raise
-        held = self.memory.remember(imp)  # may raise for a reused impression id
+        remembered = self.memory.remember(imp)  # may raise for a reused impression id
+        self._feedback_outcome("impression", "counted" if remembered.first else "duplicate")
+        for kind in remembered.feedback:  # hides/reports that came first
+            self._feedback_outcome(kind, "counted")
+        held = remembered.click
         if charge is not None:
             self._charge(charge)
         if held is not None:  # a click came first: bill it now
@@ -366,6 +473,8 @@ class Biller:
                 self.metrics.events.labels(event.kind).inc()
                 if event.kind == "click":
                     self._click(event)
+                elif event.kind in FEEDBACK_KINDS:
+                    self._feedback_outcome(event.kind, self.memory.record_feedback(event))
             else:
                 raise NotBillable(f"unexpected {type(event).__name__} on {record.topic}")
         except (EventError, NotBillable) as exc:

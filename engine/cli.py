@@ -168,6 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
             app.state.catalogue.stop()
         if getattr(app.state, "pacer", None) is not None:
             app.state.pacer.stop()
+        if getattr(app.state, "feedback", None) is not None:
+            app.state.feedback.stop()
         if not settings.redis.url:
             close_embedded(settings.redis.embedded_path)
     return 0

@@ -200,6 +200,12 @@ class AuctionSettings:
     pacing_kd: float = 0.0
     pacing_traffic_profile: tuple[float, ...] = ()
     pacing_prefix: str = "adengine:pacing:"
+    quality: bool = True
+    quality_interval_s: float = 10.0
+    quality_prior_strength: float = 1000.0
+    quality_prior_rate: float = 0.005
+    quality_report_weight: float = 5.0
+    quality_penalty: float = 50.0
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,7 @@ class BillingSettings:
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
     state_prefix: str = "adengine:billing:"
+    feedback_prefix: str = "adengine:feedback:"
     metrics_port: int = 0
 
 

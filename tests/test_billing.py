@@ -89,6 +89,7 @@ class Scenario:
             REDIS_URL=redis_store.socket_url(redis_client),
             ADENGINE_BILLING_APP_ID=f"billing-{run}",
             ADENGINE_BILLING_STATE_PREFIX=f"test:{run}:billing:",
+            ADENGINE_BILLING_FEEDBACK_PREFIX=f"test:{run}:feedback:",
             ADENGINE_BILLING_SESSION_TIMEOUT_S="3.0",
             ADENGINE_AUCTION_BUDGET_PREFIX=f"test:{run}:budget:",
             ADENGINE_JOINER_WINDOW_S=str(WINDOW),
@@ -284,6 +285,10 @@ def test_cpm_impressions_and_cpc_clicks_are_charged_exactly(broker, redis_client
     assert metric(values, "adengine_billing_spend_total") == pytest.approx(2.325 + 0.5 * PARTITIONS)
     assert metric(values, "adengine_billing_events_total", kind="malformed") == len(malformed)
     assert metric(values, "adengine_billing_events_total", kind="hide") == 1
+    feedback = "adengine_billing_feedback_total"
+    assert metric(values, feedback, kind="hide", outcome="counted") == 1
+    assert metric(values, feedback, kind="report", outcome="counted") == 1
+    assert metric(values, feedback, kind="impression", outcome="duplicate") == 1  # m3 again
     outcomes = {o: metric(values, held, outcome=o) for o in ("repeat", "late", "cpm")}
     assert outcomes == {"repeat": 1, "late": 1, "cpm": 1}
     assert metric(values, held, outcome="held") >= 1

@@ -17,13 +17,13 @@ the prior's quality, 1.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import redis
 
 from auction.auction import quality_score
+from auction.periodic import Periodic
 
 __all__ = ["COUNTERS", "FeedbackQuality", "catalogue_ads", "feedback_key"]
 
@@ -107,8 +107,7 @@ class FeedbackQuality:
         }
         self.chunk_size = chunk_size
         self._quality: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic(self.refresh, self.interval_s, "feedback")
 
     @classmethod
     def from_settings(cls, client: redis.Redis, ads, settings) -> FeedbackQuality:
@@ -159,22 +158,8 @@ class FeedbackQuality:
 
     def start(self) -> FeedbackQuality:
         """Refresh now, then every ``interval_s`` in a daemon thread until :meth:`stop`."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="feedback", daemon=True)
-            self._thread.start()
+        self._loop.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.refresh()
-            except Exception:  # Redis or the catalogue failing must not end the refreshes
-                log.exception("quality refresh failed: keeping the previous qualities")
-            self._stop.wait(self.interval_s)
-
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._loop.stop(timeout)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -36,6 +35,7 @@ from auction.pacing import (
     pacing_step,
     target_spend_fraction,
 )
+from auction.periodic import Periodic
 
 __all__ = ["Pacer", "active_campaigns", "day_hours", "paced_budget"]
 
@@ -125,8 +125,7 @@ class Pacer:
         self.clock = clock
         self._step_script = ledger.redis.register_script(_STEP_LUA)
         self._throttles: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic(self.step, self.interval_s, "pacer")
 
     @classmethod
     def from_settings(cls, ledger: BudgetLedger, campaigns, auction, clock=time.time) -> Pacer:
@@ -205,22 +204,8 @@ class Pacer:
 
     def start(self) -> Pacer:
         """Step now, then every ``interval_s`` in a daemon thread until :meth:`stop`."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="pacer", daemon=True)
-            self._thread.start()
+        self._loop.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:  # the campaign source failing must not end pacing
-                log.exception("pacing step failed")
-            self._stop.wait(self.interval_s)
-
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._loop.stop(timeout)

@@ -157,7 +157,7 @@ def test_background_thread_steps_until_stopped(ledger):
             time.sleep(0.01)
     finally:
         p.stop()
-    assert p._thread is None
+    assert p._loop._thread is None
     with pytest.raises(ValueError, match="24 hourly"):
         Pacer(ledger, list, traffic_profile=[1.0] * 23)
 

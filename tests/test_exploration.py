@@ -24,11 +24,9 @@ from auction.exploration import (
 )
 from auction.serving import AdServer, ad_fields
 from engine.config import load_settings
-from engine.datasets import SYNTHETIC_SCHEMA, synthetic_log
 from engine.events import AdRequest, RequestContext, UserProfile
 from engine.features import request_fields
-from engine.model import CtrModel
-from engine.replay import spec_for
+from tests.support import trained_model
 
 NOW = 1_800_000_000.0
 SALT = "test-salt"
@@ -292,16 +290,7 @@ def test_boost_shared_by_all_candidates_changes_nothing():
 
 @pytest.fixture(scope="module")
 def model():
-    settings = load_settings()
-    model = CtrModel(spec_for(SYNTHETIC_SCHEMA, settings), settings)
-    records = list(synthetic_log(2000, seed=3))
-    batch = model.pipeline.transform_many([r.fields for r in records])
-    y = np.array([r.label for r in records])
-    model.set_trees(model.fit_trees(batch.dense[:1000], y[:1000], version=1))
-    for start in range(0, 2000, 64):
-        model.learn_many(batch[start : start + 64], y[start : start + 64])
-        model.pipeline.observe(batch[start : start + 64], y[start : start + 64])
-    return model
+    return trained_model(2000)
 
 
 def _outcome(response):

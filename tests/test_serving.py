@@ -14,12 +14,9 @@ from auction.auth import OPERATOR, hash_key
 from auction.campaigns import CampaignService
 from auction.index import DIMENSIONS, request_values, targeting_values
 from auction.serving import PRIOR_VERSION, AdServer, ad_fields
-from engine.config import load_settings
-from engine.datasets import SYNTHETIC_SCHEMA, synthetic_log
 from engine.events import AdRequest, Impression, RequestContext, UserProfile, decode, encode
 from engine.features import request_fields
-from engine.model import CtrModel
-from engine.replay import spec_for
+from tests.support import trained_model
 
 NOW = 1_800_000_000.0
 SALT = "test-salt"
@@ -29,16 +26,7 @@ COST = 2**4
 
 @pytest.fixture(scope="module")
 def model():
-    settings = load_settings()
-    model = CtrModel(spec_for(SYNTHETIC_SCHEMA, settings), settings)
-    records = list(synthetic_log(3000, seed=3))
-    batch = model.pipeline.transform_many([r.fields for r in records])
-    y = np.array([r.label for r in records])
-    model.set_trees(model.fit_trees(batch.dense[:1500], y[:1500], version=1))
-    for start in range(0, 3000, 64):
-        model.learn_many(batch[start : start + 64], y[start : start + 64])
-        model.pipeline.observe(batch[start : start + 64], y[start : start + 64])
-    return model
+    return trained_model(3000)
 
 
 def _campaign(bid, targeting=None, pricing="cpc", **extra):

@@ -154,53 +154,72 @@ class Pacer:
     def _key(self, campaign_id: str, day: str) -> str:
         return f"{self.prefix}{{{campaign_id}}}:{day}"
 
-    def step_campaign(self, campaign_id: str, now: float) -> float | None:
-        """One controller step for one campaign at ``now``; its throttle (``None``: no budget)."""
-        day = budget_day(now, self.utc_offset_hours)
-        budget = self.ledger.get_budget(campaign_id)
-        spend = self.ledger.spend(campaign_id, day)
-        if budget is None or spend is None:
-            return None
-        today = paced_budget(budget.daily, spend.daily_spent, spend.total_remaining)
-        if today <= 0:
-            return 1.0
-        tick = math.floor(now / self.interval_s)
-        key = self._key(campaign_id, day)
-        raw = self.ledger.redis.hmget(key, ["tick", "integral", "prev_error", "throttle"])
-        stored_tick = int(raw[0]) if raw[0] is not None else None
-        if stored_tick is not None and stored_tick >= tick:
-            return _float(raw[3], 0.0)  # another replica stepped this tick already
-        if stored_tick is None:
-            state, ticks = PacingState(), 1
-        else:
-            prev = None if raw[2] in (None, b"") else float(raw[2])
-            state = PacingState(_float(raw[1], 0.0), prev, _float(raw[3], 0.0))
-            ticks = tick - stored_tick
-        hours = day_hours(now, self.utc_offset_hours)
-        target = today * target_spend_fraction(hours, self.traffic_profile)
-        dt = min(ticks * self.interval_s, 3600.0) / 3600.0  # hours since the last step
-        state, throttle = pacing_step(state, spend.daily_spent, target, today, dt, self.gains)
-        prev_error = "" if state.prev_error is None else repr(state.prev_error)
-        stored = self._step_script(
-            keys=[key],
-            args=[tick, repr(state.integral), prev_error, repr(throttle), 2 * 86400],
-        )
-        return _float(stored[3], throttle)  # the winner's throttle if another was first
-
     def step(self, now: float | None = None) -> dict[str, float]:
-        """Step every active campaign; returns (and serves from then on) their throttles."""
+        """Step every active campaign; returns (and serves from then on) their throttles.
+
+        Three pipelined round trips whatever the number of campaigns: budgets and spend,
+        stored controller states, and the compare-and-set of the new states.
+        """
         now = self.clock() if now is None else now
-        throttles: dict[str, float] = {}
-        for cid in self.campaigns():
-            try:
-                value = self.step_campaign(cid, now)
-            except (redis.RedisError, ValueError):
-                log.exception("pacing step failed for campaign %s", cid)
-                value = self._throttles.get(cid)
-            if value is not None:
-                throttles[cid] = value
+        day = budget_day(now, self.utc_offset_hours)
+        tick = math.floor(now / self.interval_s)
+        ids = list(dict.fromkeys(self.campaigns()))
+        try:
+            throttles = self._step_all(ids, now, day, tick)
+        except (redis.RedisError, ValueError):
+            log.exception("pacing step failed: keeping the previous throttles")
+            throttles = {cid: self._throttles[cid] for cid in ids if cid in self._throttles}
         self._throttles = throttles  # one reference swap: readers never see a half update
         return throttles
+
+    def _step_all(self, ids: list[str], now: float, day: str, tick: int) -> dict[str, float]:
+        accounts = self.ledger.budgets_and_spend(ids, day)
+        paced = {cid: acc for cid, acc in accounts.items() if acc is not None}
+        pipe = self.ledger.redis.pipeline(transaction=False)
+        for cid in paced:
+            pipe.hmget(self._key(cid, day), ["tick", "integral", "prev_error", "throttle"])
+        stored = dict(zip(paced, pipe.execute() if paced else []))
+        throttles: dict[str, float] = {}
+        updates: dict[str, tuple[PacingState, float]] = {}
+        hours = day_hours(now, self.utc_offset_hours)
+        fraction = target_spend_fraction(hours, self.traffic_profile)
+        for cid, (budget, spend) in paced.items():
+            today = paced_budget(budget.daily, spend.daily_spent, spend.total_remaining)
+            if today <= 0:
+                throttles[cid] = 1.0
+                continue
+            raw = stored[cid]
+            stored_tick = int(raw[0]) if raw[0] is not None else None
+            if stored_tick is not None and stored_tick >= tick:
+                throttles[cid] = _float(raw[3], 0.0)  # another replica stepped this tick
+                continue
+            if stored_tick is None:
+                state, ticks = PacingState(), 1
+            else:
+                prev = None if raw[2] in (None, b"") else float(raw[2])
+                state = PacingState(_float(raw[1], 0.0), prev, _float(raw[3], 0.0))
+                ticks = tick - stored_tick
+            dt = min(ticks * self.interval_s, 3600.0) / 3600.0  # hours since the last step
+            updates[cid] = pacing_step(
+                state, spend.daily_spent, today * fraction, today, dt, self.gains
+            )
+        if updates:
+            try:
+                winners = self._store(updates, day, tick)
+            except redis.exceptions.NoScriptError:  # the server's script cache was flushed
+                self.ledger.redis.script_load(_STEP_LUA)
+                winners = self._store(updates, day, tick)
+            for (cid, (_, throttle)), kept in zip(updates.items(), winners):
+                throttles[cid] = _float(kept[3], throttle)  # another replica's, if first
+        return throttles
+
+    def _store(self, updates: dict[str, tuple[PacingState, float]], day: str, tick: int):
+        pipe = self.ledger.redis.pipeline(transaction=False)
+        for cid, (state, throttle) in updates.items():
+            prev_error = "" if state.prev_error is None else repr(state.prev_error)
+            args = [tick, repr(state.integral), prev_error, repr(throttle), 2 * 86400]
+            pipe.evalsha(self._step_script.sha, 1, self._key(cid, day), *args)
+        return pipe.execute()
 
     def start(self) -> Pacer:
         """Step now, then every ``interval_s`` in a daemon thread until :meth:`stop`."""

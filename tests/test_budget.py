@@ -134,6 +134,19 @@ def test_remaining_many_matches_remaining(ledger):
     assert ledger.remaining_many(["c2"], DAY) == {"c2": 0.5}
 
 
+def test_budgets_and_spend_match_one_campaign_reads(ledger):
+    ledger.set_budget("c1", daily=1.0, total=10.0)
+    ledger.set_budget("c2", daily=5.0, total=2.0)
+    assert ledger.charge("c1", 0.3, DAY, 0.5, "a").accepted
+    assert ledger.charge("c2", 1.5, DAY, 2.0, "b").accepted
+    ids = ["c1", "c2", "nobudget", "c1"]
+    many = ledger.budgets_and_spend(ids, DAY)
+    assert set(many) == {"c1", "c2", "nobudget"} and many["nobudget"] is None
+    for cid in ("c1", "c2"):
+        assert many[cid] == (ledger.get_budget(cid), ledger.spend(cid, DAY))
+    assert ledger.budgets_and_spend([], DAY) == {}
+
+
 def test_budget_changes_and_missing_budget(ledger):
     assert ledger.charge("nobudget", 0.1, DAY, 1.0, "x").status == "no_budget"
     assert ledger.spend("nobudget", DAY) is None and ledger.remaining("nobudget", DAY) == 0.0

@@ -226,3 +226,30 @@ def test_doctests():
     import auction.pacer
 
     assert doctest.testmod(auction.pacer).failed == 0
+
+
+def test_many_campaigns_step_in_a_few_round_trips_and_survive_a_script_flush(ledger):
+    ids = [f"c{k}" for k in range(1, 41)]
+    for cid in ids[1:]:
+        ledger.set_budget(cid, daily=BUDGET, total=10 * BUDGET)
+    clock = Clock(DAY0 + 6 * 3600)
+    p = pacer(ledger, clock, campaigns=ids + ["no-budget"])
+    sent = []
+    execute = redis.client.Pipeline.execute
+
+    def counting(self, *args, **kwargs):
+        sent.append(len(self.command_stack))
+        return execute(self, *args, **kwargs)
+
+    redis.client.Pipeline.execute = counting
+    try:
+        first = p.step()
+        ledger.redis.script_flush()  # e.g. a restarted server: the script is loaded again
+        clock.now += STEP_S
+        assert ledger.charge("c7", BUDGET / 2, DAY, BUDGET, "burst").accepted
+        second = p.step()
+    finally:
+        redis.client.Pipeline.execute = execute
+    assert set(first) == set(second) == set(ids)  # no budget: not paced
+    assert len(sent) <= 7 and max(sent) >= 3 * len(ids)  # pipelined, not one trip each
+    assert second["c7"] == 1.0 and second["c1"] < 1.0  # far ahead of schedule: throttled

@@ -792,8 +792,17 @@ def app_from_settings(settings=None, on_change=None) -> FastAPI:
         catalogue=catalogue,
         max_inflight_ad_requests=auction.max_inflight_ad_requests,
     )
-    app.state.model_subscriber = subscriber  # stop() it to end the polling thread
-    app.state.catalogue = catalogue  # stop() it to end the topic reader (None: in memory)
-    app.state.pacer = pacer  # stop() it to end the pacing thread (None: pacing off)
-    app.state.feedback = feedback  # stop() it to end the quality refreshes (None: quality off)
+    app.state.model_subscriber = subscriber
+    app.state.catalogue = catalogue  # None: in memory
+    app.state.pacer = pacer  # None: pacing off
+    app.state.feedback = feedback  # None: quality off
+
+    def close() -> None:
+        """Stop the background work this app started: model polling, the campaigns-topic
+        reader, pacing and quality refreshes."""
+        for part in (subscriber, catalogue, pacer, feedback):
+            if part is not None:
+                part.stop()
+
+    app.state.close = close
     return app

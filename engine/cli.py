@@ -163,13 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_level="warning",
         )
     finally:
-        app.state.model_subscriber.stop()
-        if app.state.catalogue is not None:
-            app.state.catalogue.stop()
-        if getattr(app.state, "pacer", None) is not None:
-            app.state.pacer.stop()
-        if getattr(app.state, "feedback", None) is not None:
-            app.state.feedback.stop()
+        app.state.close()
         if not settings.redis.url:
             close_embedded(settings.redis.embedded_path)
     return 0

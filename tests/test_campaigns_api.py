@@ -422,7 +422,7 @@ def test_app_from_settings_uses_the_embedded_redis(tmp_path):
         assert r.status_code == 200, r.text
         assert r.json()["model_available"] is False
     finally:
-        app.state.model_subscriber.stop()
+        app.state.close()
         close_embedded(path)
 
 

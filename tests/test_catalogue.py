@@ -101,8 +101,7 @@ class Replica:
             eventually(lambda: self.http.get("/readyz").status_code == 200, "readiness")
 
     def stop(self):
-        self.app.state.model_subscriber.stop()
-        self.catalogue.stop()
+        self.app.state.close()
 
     def serve(self, query="red shoes", region="FR") -> list[str]:
         request = {"request_id": uuid.uuid4().hex, "ts": 1.7e9, "query": query, "slots": 3,

@@ -210,7 +210,7 @@ def test_the_served_app_ranks_on_the_qualities_it_reads(tmp_path):
     }
     settings = load_settings(env=env)
     off = app_from_settings(load_settings(env={**env, "ADENGINE_AUCTION_QUALITY": "false"}))
-    off.state.model_subscriber.stop()
+    off.state.close()
     assert off.state.feedback is None
     app = app_from_settings(settings)
     auth = {"Authorization": f"Bearer {key}"}
@@ -242,8 +242,7 @@ def test_the_served_app_ranks_on_the_qualities_it_reads(tmp_path):
         poll(lambda: feedback.quality(first) < 1.0)
         assert served() == second
     finally:
-        app.state.model_subscriber.stop()
-        app.state.feedback.stop()
+        app.state.close()
         redis_store.close_embedded(path)
 
 

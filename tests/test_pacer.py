@@ -215,8 +215,7 @@ def test_the_served_app_throttles_a_campaign_ahead_of_schedule(tmp_path):
         assert body["ads"] == [] and body["matched"] == 1 and body["eligible"] == 0
         assert pacer.ledger.remaining(cid, day) >= 1.0  # throttled, not out of budget
     finally:
-        app.state.model_subscriber.stop()
-        app.state.pacer.stop()
+        app.state.close()
         close_embedded(path)
 
 

@@ -66,11 +66,8 @@ import numpy as np  # noqa: E402
 from auction.auth import OPERATOR  # noqa: E402
 from auction.campaigns import CampaignService  # noqa: E402
 from auction.serving import AdServer  # noqa: E402
-from engine.config import load_settings  # noqa: E402
-from engine.datasets import SYNTHETIC_SCHEMA, synthetic_log  # noqa: E402
 from engine.events import AdRequest, RequestContext, UserProfile  # noqa: E402
-from engine.model import CtrModel  # noqa: E402
-from engine.replay import spec_for  # noqa: E402
+from engine.replay import synthetic_model  # noqa: E402
 
 TARGET_P99_MS = 10.0
 NOW = 1_800_000_000.0
@@ -80,21 +77,6 @@ CATEGORIES = ("travel", "health", "games", "finance", "toys", "beauty", "auto", 
 AGES = (20, 30, 40, 50, 60, None)
 DEVICES = ("ios", "android", "desktop", None)
 QUERIES = ("", "", "shoes", "cheap flights", "red shoes", "games")
-
-
-def train_model(train_rows: int) -> CtrModel:
-    """A CtrModel trained as in tests/test_serving.py: trees on half the rows, then LR."""
-    settings = load_settings()
-    model = CtrModel(spec_for(SYNTHETIC_SCHEMA, settings), settings)
-    records = list(synthetic_log(train_rows, seed=3))
-    batch = model.pipeline.transform_many([r.fields for r in records])
-    y = np.array([r.label for r in records])
-    half = train_rows // 2
-    model.set_trees(model.fit_trees(batch.dense[:half], y[:half], version=1))
-    for start in range(0, train_rows, 64):
-        model.learn_many(batch[start : start + 64], y[start : start + 64])
-        model.pipeline.observe(batch[start : start + 64], y[start : start + 64])
-    return model
 
 
 def build_catalog(n_ads: int, n_campaigns: int, n_regions: int, seed: int) -> CampaignService:
@@ -191,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--train-rows must be >= 200")
 
     t0 = time.perf_counter()
-    model = train_model(args.train_rows)
+    model = synthetic_model(args.train_rows)
     train_s = time.perf_counter() - t0
     scorer = model.export_scorer()
 

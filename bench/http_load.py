@@ -64,10 +64,8 @@ import httpx
 import numpy as np
 
 from auction.auth import hash_key
-from engine.config import Settings, load_settings
-from engine.datasets import SYNTHETIC_SCHEMA, synthetic_log
-from engine.model import CtrModel
-from engine.replay import spec_for
+from engine.config import load_settings
+from engine.replay import synthetic_model
 from streams import redis_store
 from streams.publish import ModelPublisher
 
@@ -86,20 +84,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def train_model(settings: Settings, train_rows: int) -> CtrModel:
-    """Trees on half the synthetic rows, then LR mini-batches over all of them."""
-    model = CtrModel(spec_for(SYNTHETIC_SCHEMA, settings), settings)
-    records = list(synthetic_log(train_rows, seed=3))
-    batch = model.pipeline.transform_many([r.fields for r in records])
-    y = np.array([r.label for r in records])
-    half = train_rows // 2
-    model.set_trees(model.fit_trees(batch.dense[:half], y[:half], version=1))
-    for start in range(0, train_rows, 64):
-        model.learn_many(batch[start : start + 64], y[start : start + 64])
-        model.pipeline.observe(batch[start : start + 64], y[start : start + 64])
-    return model
 
 
 def build_catalogue(
@@ -353,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     server: Server | None = None
     try:
         t0 = time.perf_counter()
-        model = train_model(settings, args.train_rows)
+        model = synthetic_model(args.train_rows, settings=settings)
         version = ModelPublisher(client, settings.redis.model_key).publish(model)
         train_s = time.perf_counter() - t0
 

@@ -47,6 +47,26 @@ def spec_for(schema: Schema, settings: Settings) -> FeatureSpec:
     return spec.restricted_to(spec.fields, features.crosses)
 
 
+def synthetic_model(rows: int, seed: int = 3, settings: Settings | None = None) -> CtrModel:
+    """A GBDT + LR model warmed up offline on ``rows`` of the synthetic log: trees on the
+    first half, then LR mini-batches (with progressive counting features) over all rows.
+    What benchmarks and tests serve when they need a realistic trained model."""
+    from engine.config import load_settings
+    from engine.datasets import SYNTHETIC_SCHEMA, synthetic_log
+
+    settings = load_settings() if settings is None else settings
+    model = CtrModel(spec_for(SYNTHETIC_SCHEMA, settings), settings)
+    records = list(synthetic_log(rows, seed=seed))
+    batch = model.pipeline.transform_many([r.fields for r in records])
+    y = np.array([r.label for r in records])
+    half = rows // 2
+    model.set_trees(model.fit_trees(batch.dense[:half], y[:half], version=1))
+    for start in range(0, rows, 64):
+        model.learn_many(batch[start : start + 64], y[start : start + 64])
+        model.pipeline.observe(batch[start : start + 64], y[start : start + 64])
+    return model
+
+
 @dataclass
 class ReplayResult:
     """Figures of one replay: per-model metrics on the evaluated examples."""

@@ -7,13 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from engine.config import load_settings
-from engine.datasets import SYNTHETIC_SCHEMA, synthetic_log
 from engine.events import Engagement, Impression, ScoredFeatures
-from engine.model import CtrModel
-from engine.replay import spec_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,21 +34,6 @@ def impression(iid: str, ts: float = 1.7e9, **fields) -> Impression:
 
 def engagement(eid: str, iid: str, ts: float, kind: str = "click") -> Engagement:
     return Engagement(engagement_id=eid, impression_id=iid, ts=ts, kind=kind)
-
-
-def trained_model(rows: int, seed: int = 3) -> CtrModel:
-    """A GBDT + LR model on the synthetic log: trees on the first half, LR on all of it."""
-    settings = load_settings()
-    model = CtrModel(spec_for(SYNTHETIC_SCHEMA, settings), settings)
-    records = list(synthetic_log(rows, seed=seed))
-    batch = model.pipeline.transform_many([r.fields for r in records])
-    y = np.array([r.label for r in records])
-    half = rows // 2
-    model.set_trees(model.fit_trees(batch.dense[:half], y[:half], version=1))
-    for start in range(0, rows, 64):
-        model.learn_many(batch[start : start + 64], y[start : start + 64])
-        model.pipeline.observe(batch[start : start + 64], y[start : start + 64])
-    return model
 
 
 class ChildProcess:

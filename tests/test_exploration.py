@@ -26,7 +26,7 @@ from auction.serving import AdServer, ad_fields
 from engine.config import load_settings
 from engine.events import AdRequest, RequestContext, UserProfile
 from engine.features import request_fields
-from tests.support import trained_model
+from engine.replay import synthetic_model
 
 NOW = 1_800_000_000.0
 SALT = "test-salt"
@@ -290,7 +290,7 @@ def test_boost_shared_by_all_candidates_changes_nothing():
 
 @pytest.fixture(scope="module")
 def model():
-    return trained_model(2000)
+    return synthetic_model(2000)
 
 
 def _outcome(response):

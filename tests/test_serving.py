@@ -16,7 +16,7 @@ from auction.index import DIMENSIONS, request_values, targeting_values
 from auction.serving import PRIOR_VERSION, AdServer, ad_fields
 from engine.events import AdRequest, Impression, RequestContext, UserProfile, decode, encode
 from engine.features import request_fields
-from tests.support import trained_model
+from engine.replay import synthetic_model
 
 NOW = 1_800_000_000.0
 SALT = "test-salt"
@@ -26,7 +26,7 @@ COST = 2**4
 
 @pytest.fixture(scope="module")
 def model():
-    return trained_model(3000)
+    return synthetic_model(3000)
 
 
 def _campaign(bid, targeting=None, pricing="cpc", **extra):

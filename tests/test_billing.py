@@ -46,7 +46,7 @@ from engine.events import (
     encode,
 )
 from streams import redis_store
-from streams.broker import EmbeddedBroker, free_port
+from streams.broker import free_port
 from streams.join import DeadLetter
 from streams.topics import ensure_topics
 from tests.support import ChildProcess, engagement, impression
@@ -57,12 +57,6 @@ WINDOW = 100.0
 TS = 1_800_000_000.0
 DAY = budget_day(TS)
 pytestmark = pytest.mark.filterwarnings(r"ignore:(read|open)_text is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

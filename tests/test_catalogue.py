@@ -44,12 +44,6 @@ def eventually(check, what: str, timeout: float = DEADLINE_S):
 
 
 @pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def redis_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("redis") / "catalogue.db"
     yield str(path)

@@ -3,7 +3,6 @@
 import asyncio
 import uuid
 
-import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from fastapi.testclient import TestClient
 
@@ -12,19 +11,12 @@ from auction.auth import hash_key
 from auction.campaigns import CampaignService
 from engine.config import load_settings
 from engine.events import Engagement, Impression, ScoredFeatures, decode_any, encode
-from streams.broker import EmbeddedBroker
 from streams.event_sink import KafkaEventSink
 from streams.topics import ensure_topics
 
 OPERATOR_KEY = "op_test-events-operator-key"
 COST = 2**4
 AUTH = {"Authorization": f"Bearer {OPERATOR_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
 
 
 def impression(iid: str) -> Impression:

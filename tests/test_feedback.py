@@ -21,7 +21,6 @@ from auction.serving import AdServer
 from engine.config import load_settings
 from engine.events import AdRequest, UserProfile, encode
 from streams import redis_store
-from streams.broker import EmbeddedBroker
 from tests.support import engagement, impression
 from tests.test_billing import PARTITIONS, TS, Record, Scenario, Worker, wait
 
@@ -247,12 +246,6 @@ def test_the_served_app_ranks_on_the_qualities_it_reads(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
 
 
 def test_an_ad_users_hide_loses_its_rank_to_an_otherwise_equal_ad(broker, redis_client, tmp_path):

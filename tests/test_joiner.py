@@ -21,7 +21,6 @@ from engine.calibration import NegativeDownsampler
 from engine.config import load_settings
 from engine.events import TrainingExample, decode, encode
 from streams import redis_store
-from streams.broker import EmbeddedBroker
 from streams.join import DeadLetter, SideClick
 from streams.topics import ensure_topics
 from tests.support import ChildProcess, engagement, impression
@@ -31,12 +30,6 @@ WINDOW, GRACE, RATE = 100.0, 10.0, 0.5
 PARTITIONS = 4
 DRIVERS = ("faust", "aiokafka")  # [joiner] driver: both feed the same JoinWorker
 pytestmark = pytest.mark.filterwarnings(r"ignore:(read|open)_text is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from engine.metrics import ProgressiveValidation
 from engine.model import CtrModel
 from engine.replay import spec_for
 from streams import redis_store
-from streams.broker import EmbeddedBroker, free_port
+from streams.broker import free_port
 from streams.publish import ModelPublisher, ModelSubscriber
 from streams.topics import ensure_topics
 from streams.trainer import Trainer
@@ -31,12 +31,6 @@ from streams.trainer_state import SeenIds, StallGuard
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings(r"ignore:(read|open)_text is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
 
 
 @pytest.fixture
